@@ -1,0 +1,1 @@
+"""One module per subcommand: each defines COMMAND (Typer's arguments) and run (parse -> core -> render)."""

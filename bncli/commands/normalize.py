@@ -1,0 +1,98 @@
+"""`bncli normalize`: apply BatchNorm2d to a tensor and show per-channel statistics before and after."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from bncli.render import Format
+
+COMMAND = {
+    "name": "normalize",
+    "epilog": "Examples:  bncli normalize input.pt  ·  bncli normalize acts.pt --mode eval --checkpoint model.pt --layer features.1  ·  "
+    "bncli normalize images.npy --channels-last --output out.pt",
+}
+
+
+class Mode(str, enum.Enum):
+    TRAIN = "train"
+    EVAL = "eval"
+
+
+def parse_momentum(value: str | float | None) -> float | None:
+    if value is None or str(value).lower() in ("none", "cumulative"):
+        return None
+    try:
+        momentum = float(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a number in [0, 1] or 'none'") from None
+    if not 0.0 <= momentum <= 1.0:
+        raise typer.BadParameter(f"{value} is outside [0, 1]")
+    return momentum
+
+
+def check_eps(value: float) -> float:
+    if not value > 0:
+        raise typer.BadParameter("eps must be greater than 0")
+    return value
+
+
+def run(
+    input: Annotated[
+        Path, typer.Argument(help="Tensor file (N, C, H, W): .pt/.pth, .safetensors, .npy or .npz.", show_default=False)
+    ],
+    mode: Annotated[
+        Mode,
+        typer.Option("--mode", "-m", help="train: normalize with batch statistics and update the running ones; eval: use the running ones."),
+    ] = Mode.TRAIN,
+    eps: Annotated[float, typer.Option("--eps", callback=check_eps, help="Added to the variance (PyTorch 1e-5; Keras uses 1e-3).")] = 1e-5,
+    momentum: Annotated[
+        Optional[float],
+        typer.Option(
+            "--momentum", parser=parse_momentum, metavar="FLOAT|none", help="Running-statistics momentum; 'none' for a cumulative average."
+        ),
+    ] = 0.1,
+    affine: Annotated[bool, typer.Option("--affine/--no-affine", help="Apply weight and bias (fresh layer: 1 and 0).")] = True,
+    checkpoint: Annotated[
+        Optional[Path], typer.Option("--checkpoint", "-c", help="Take the layer from this checkpoint (with --layer).")
+    ] = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", "-l", help="Name of the BatchNorm layer in --checkpoint.")] = None,
+    key: Annotated[Optional[str], typer.Option("--key", "-k", help="Which tensor, when the file holds several.")] = None,
+    channels_last: Annotated[
+        bool, typer.Option("--channels-last", help="The input is (N, H, W, C) (NHWC, as TensorFlow/Keras store it).")
+    ] = False,
+    add_batch_dim: Annotated[bool, typer.Option("--add-batch-dim", help="The input is one (C, H, W) image: add N=1.")] = False,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="Write the normalized tensor here (.pt or .safetensors), in the input's layout."),
+    ] = None,
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.TABLE,
+) -> None:
+    """Apply BatchNorm2d to a tensor in train or eval mode; print per-channel mean/std before and after.
+
+    The output equals nn.BatchNorm2d's. std is computed as torch.Tensor.std does (correction=1).
+    In train mode the table also shows the running statistics after the update.
+    """
+    from bncli.cli import emit, warn
+    from bncli.normalize import normalize
+    from bncli.render import renderer_for
+
+    report = normalize(
+        input,
+        mode=mode.value,
+        eps=eps,
+        momentum=momentum,
+        affine=affine,
+        checkpoint=checkpoint,
+        layer=layer,
+        key=key,
+        channels_last=channels_last,
+        add_batch_dim=add_batch_dim,
+        output=output,
+    )
+    for message in report.warnings:
+        warn(message)
+    emit(renderer_for(fmt, "normalize")(report))

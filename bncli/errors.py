@@ -1,0 +1,40 @@
+"""Exit codes and the error types that the CLI turns into one-line messages."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Every exit status bncli can return; documented in the README."""
+
+    OK = 0
+    FINDINGS = 1  # a finding at or above --fail-on
+    USAGE = 2  # bad options or arguments (Typer/Click's own code)
+    INPUT = 3  # missing, unreadable, corrupt, unsafe or unsupported file; bad shape or dtype
+    INTERNAL = 4  # a bug in bncli: rerun with --debug for the traceback
+    INTERRUPTED = 130
+
+
+class BncliError(Exception):
+    """An error the user can act on; printed as one `error:` line, never with a traceback."""
+
+    exit_code: ExitCode = ExitCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InputError(BncliError):
+    """The input file cannot be used: missing, unreadable, corrupt, unsafe or unsupported."""
+
+    exit_code = ExitCode.INPUT
+
+
+class UnsafeFileError(InputError):
+    """The file would need arbitrary code to load (a pickled module, TorchScript...)."""
+
+
+class ShapeError(InputError):
+    """The tensor's shape or dtype does not fit BatchNorm2d."""

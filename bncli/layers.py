@@ -1,0 +1,109 @@
+"""Find BatchNorm layers in a flat state dict: every key prefix with both running_mean and running_var."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from bncli.errors import InputError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from bncli.loading import Checkpoint
+
+BUFFERS = ("running_mean", "running_var", "weight", "bias", "num_batches_tracked")
+ROOT = "<root>"  # the name shown for a layer whose keys have no prefix at all
+
+
+@dataclass(frozen=True)
+class LayerKeys:
+    """The state-dict keys of one BatchNorm layer (BatchNorm1d/2d/3d and SyncBatchNorm look the same)."""
+
+    name: str
+    running_mean: str
+    running_var: str
+    weight: str | None = None
+    bias: str | None = None
+    num_batches_tracked: str | None = None
+
+
+@dataclass
+class BNLayer:
+    """One layer's arrays, read from the file; weight and bias are None for affine=False layers."""
+
+    name: str
+    running_mean: np.ndarray
+    running_var: np.ndarray
+    weight: np.ndarray | None
+    bias: np.ndarray | None
+    num_batches_tracked: int | None
+    dtype: str  # dtype of running_var as stored, e.g. "float32" or "bfloat16"
+
+    @property
+    def num_features(self) -> int:
+        return int(self.running_var.shape[0]) if self.running_var.ndim else 1
+
+
+def find_layers(keys: Iterable[str]) -> list[LayerKeys]:
+    """Group keys into BatchNorm layers, in the order their first key appears in the file."""
+    groups: dict[str, dict[str, str]] = {}
+    for key in keys:
+        prefix, _, leaf = key.rpartition(".")
+        if leaf in BUFFERS:
+            groups.setdefault(prefix or ROOT, {})[leaf] = key
+    return [
+        LayerKeys(name=name, **found)
+        for name, found in groups.items()
+        if "running_mean" in found and "running_var" in found
+    ]
+
+
+def select_layer(layers: list[LayerKeys], name: str, path: str) -> LayerKeys:
+    """The layer called `name`; an unknown name is an input error that suggests the nearest names."""
+    by_name = {layer.name: layer for layer in layers}
+    if name in by_name:
+        return by_name[name]
+    if not layers:
+        raise InputError(f"{path}: no BatchNorm layer found, so no layer {name!r}")
+    near = difflib.get_close_matches(name, by_name, n=5, cutoff=0.4) or list(by_name)[:5]
+    raise InputError(f"{path}: no BatchNorm layer named {name!r}; nearest: {', '.join(near)}")
+
+
+def read_layer(ckpt: Checkpoint, keys: LayerKeys) -> BNLayer:
+    """Read one layer's arrays; statistics that are not floating point are an input error."""
+    path = ckpt.provenance.path
+    arrays = {}
+    for field in ("running_mean", "running_var", "weight", "bias"):
+        key = getattr(keys, field)
+        if key is None:
+            arrays[field] = None
+            continue
+        dtype = ckpt.dtype(key)
+        if not dtype.startswith(("float", "bfloat")):
+            raise InputError(f"{path}: {key} has dtype {dtype}; BatchNorm parameters and statistics must be floating point")
+        array = ckpt.read(key)
+        if array.ndim > 1:
+            raise InputError(f"{path}: {key} has shape {tuple(array.shape)}; BatchNorm tensors are 1-D (num_features,)")
+        arrays[field] = array.reshape(-1)
+    return BNLayer(
+        name=keys.name,
+        num_batches_tracked=_count(ckpt, keys.num_batches_tracked),
+        dtype=ckpt.dtype(keys.running_var),
+        **arrays,
+    )
+
+
+def _count(ckpt: Checkpoint, key: str | None) -> int | None:
+    """num_batches_tracked is a 0-d tensor in torch, but a plain int or a 1-element tensor in the wild."""
+    if key is None:
+        return None
+    array = ckpt.read(key)
+    if array.size != 1:
+        raise InputError(f"{ckpt.provenance.path}: {key} has shape {tuple(array.shape)}; expected a single count")
+    value = array.reshape(())
+    if value.dtype.kind not in "iuf" or value != value or abs(float(value)) == float("inf"):
+        raise InputError(f"{ckpt.provenance.path}: {key} is {value.item()!r}; expected an integer count")
+    return int(value)

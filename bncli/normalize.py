@@ -1,0 +1,200 @@
+"""The `normalize` core: validate a tensor's shape, apply BatchNorm2d exactly as torch does, measure it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bncli.errors import InputError, ShapeError
+from bncli.report import ChannelStats, NormalizeReport
+
+if TYPE_CHECKING:
+    import torch
+
+OUTPUT_SUFFIXES = (".pt", ".pth", ".safetensors")
+
+
+def validate_input(x: torch.Tensor, source: str, *, add_batch_dim: bool = False, channels_last: bool = False) -> torch.Tensor:
+    """Return `x` as (N, C, H, W), or raise ShapeError with one line that says what to do."""
+    if x.dtype.is_complex or not x.dtype.is_floating_point:
+        raise ShapeError(
+            f"{source}: dtype {str(x.dtype).removeprefix('torch.')} is not supported; BatchNorm2d needs a floating-point "
+            "tensor (float16, bfloat16, float32 or float64)"
+        )
+    if add_batch_dim:
+        if x.dim() != 3:
+            raise ShapeError(f"{source}: --add-batch-dim expects a 3-D tensor (C, H, W); got shape {_shape(x)}")
+        x = x.unsqueeze(0)
+    if x.dim() == 4 and channels_last:
+        x = x.permute(0, 3, 1, 2)
+    if x.dim() != 4:
+        raise ShapeError(f"{source}: expected a 4-D tensor (N, C, H, W); got shape {_shape(x)}{_dim_hint(x.dim())}")
+    if x.numel() == 0:
+        raise ShapeError(f"{source}: the tensor is empty (shape {_shape(x)}); BatchNorm2d needs at least one value")
+    return x
+
+
+def _dim_hint(dim: int) -> str:
+    return {
+        0: ": a scalar, not an image batch",
+        1: ": a 1-D vector; BatchNorm2d needs (N, C, H, W)",
+        2: ": BatchNorm1d takes (N, C); BatchNorm2d needs (N, C, H, W)",
+        3: ": a single image? add a batch dimension with --add-batch-dim",
+        5: ": BatchNorm3d takes (N, C, D, H, W); BatchNorm2d needs (N, C, H, W)",
+    }.get(dim, "")
+
+
+def _shape(x) -> str:
+    return "(" + ", ".join(str(d) for d in x.shape) + (",)" if x.dim() == 1 else ")")
+
+
+def check_channels(x: torch.Tensor, num_features: int, source: str, layer: str, channels_last: bool) -> None:
+    channels = x.shape[1]
+    if channels == num_features:
+        return
+    hint = ""
+    if not channels_last and x.shape[-1] == num_features:
+        hint = f"; its last dimension is {num_features}: channels-last (N, H, W, C)? pass --channels-last"
+    raise ShapeError(f"{source}: {channels} channels in dim 1 but {layer} has num_features={num_features}{hint}")
+
+
+def check_train_batch(x: torch.Tensor, source: str) -> None:
+    n, _, h, w = x.shape
+    if n * h * w == 1:
+        raise ShapeError(
+            f"{source}: train mode needs more than 1 value per channel to compute batch statistics; "
+            f"shape {_shape(x)} gives N*H*W = 1. Use --mode eval, or a larger batch"
+        )
+
+
+def build_layer(num_features: int, *, eps: float, momentum: float | None, affine: bool, state=None):
+    """An nn.BatchNorm2d with the given parameters and, from a checkpoint layer, its values."""
+    import torch
+    from torch import nn
+
+    bn = nn.BatchNorm2d(num_features, eps=eps, momentum=momentum, affine=affine)
+    if state is not None:
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.from_numpy(state.running_mean))
+            bn.running_var.copy_(torch.from_numpy(state.running_var))
+            bn.num_batches_tracked.fill_(state.num_batches_tracked or 0)
+            if affine:
+                bn.weight.copy_(torch.from_numpy(state.weight))
+                bn.bias.copy_(torch.from_numpy(state.bias) if state.bias is not None else torch.zeros(num_features))
+    return bn
+
+
+def normalize(
+    input_path: str | os.PathLike,
+    *,
+    mode: str = "train",
+    eps: float = 1e-5,
+    momentum: float | None = 0.1,
+    affine: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    layer: str | None = None,
+    key: str | None = None,
+    channels_last: bool = False,
+    add_batch_dim: bool = False,
+    output: str | os.PathLike | None = None,
+) -> NormalizeReport:
+    """Apply one BatchNorm2d (fresh, or a checkpoint's layer) to a tensor and report per-channel statistics."""
+    import torch
+
+    from bncli.loading import load_tensor
+    from bncli.stats import channel_mean_std
+
+    if output is not None and Path(output).suffix not in OUTPUT_SUFFIXES:
+        raise InputError(f"{output}: unsupported output suffix; use one of {', '.join(OUTPUT_SUFFIXES)}")
+    if (checkpoint is None) != (layer is None):
+        raise InputError("--checkpoint and --layer go together: name the file and the layer in it")
+
+    raw, key_used = load_tensor(input_path, key)
+    source = f"{input_path}" + (f"[{key_used}]" if key_used else "")
+    x = validate_input(raw, source, add_batch_dim=add_batch_dim, channels_last=channels_last)
+
+    warnings = []
+    state = None
+    if checkpoint is not None:
+        state = _checkpoint_layer(checkpoint, layer)
+        affine = affine and state.weight is not None
+        check_channels(x, state.num_features, source, f"layer {layer!r}", channels_last)
+        num_features = state.num_features
+    else:
+        num_features = x.shape[1]
+        if mode == "eval":
+            warnings.append(
+                "eval mode with a fresh BatchNorm2d: the running statistics are the defaults (mean 0, var 1), "
+                "so the output is only the input scaled by 1/sqrt(1 + eps); pass --checkpoint and --layer for trained ones"
+            )
+    if mode == "train":
+        check_train_batch(x, source)
+
+    # float64 inputs get a float64 layer; float16/bfloat16 inputs keep float32 parameters, as under autocast.
+    param_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    bn = build_layer(num_features, eps=eps, momentum=momentum, affine=affine, state=state).to(param_dtype)
+    bn.train(mode == "train")
+    with torch.no_grad():
+        y = bn(x)
+
+    in_mean, in_std = channel_mean_std(x)
+    out_mean, out_std = channel_mean_std(y)
+    running_mean = bn.running_mean.double().tolist()
+    running_var = bn.running_var.double().tolist()
+    channels = tuple(
+        ChannelStats(c, *(float(v) for v in (in_mean[c], in_std[c], out_mean[c], out_std[c], running_mean[c], running_var[c])))
+        for c in range(num_features)
+    )
+
+    if output is not None:
+        _write_output(y, output, key_used, channels_last=channels_last, add_batch_dim=add_batch_dim)
+
+    return NormalizeReport(
+        input_path=str(input_path),
+        input_key=key_used,
+        shape=tuple(raw.shape),
+        dtype=str(raw.dtype).removeprefix("torch."),
+        mode=mode,
+        eps=eps,
+        momentum=momentum,
+        affine=affine,
+        layer_source=None if checkpoint is None else f"{checkpoint}:{layer}",
+        channels_last=channels_last,
+        channels=channels,
+        output_path=None if output is None else str(output),
+        warnings=tuple(warnings),
+    )
+
+
+def _checkpoint_layer(checkpoint, layer: str):
+    from bncli.layers import find_layers, read_layer, select_layer
+    from bncli.loading import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    keys = select_layer(find_layers(ckpt), layer, ckpt.provenance.path)
+    state = read_layer(ckpt, keys)
+    sizes = {a.size for a in (state.running_mean, state.running_var, state.weight, state.bias) if a is not None}
+    if len(sizes) != 1:
+        raise InputError(f"{checkpoint}: layer {layer!r} has tensors of different lengths; run `bncli inspect` on it")
+    return state
+
+
+def _write_output(y, output, key: str | None, *, channels_last: bool, add_batch_dim: bool) -> None:
+    """Write the result in the layout the input had (channels-last and batch dimension undone)."""
+    import torch
+
+    from bncli.atomic import write_atomic
+
+    if channels_last:
+        y = y.permute(0, 2, 3, 1)
+    if add_batch_dim:
+        y = y.squeeze(0)
+    y = y.contiguous()
+    if Path(output).suffix == ".safetensors":
+        from safetensors.torch import save
+
+        payload = save({key or "output": y})
+        write_atomic(output, lambda fh: fh.write(payload))
+    else:
+        write_atomic(output, lambda fh: torch.save(y, fh))

@@ -1,0 +1,26 @@
+"""Renderers: pure functions from a report to text (JSON) or a Rich renderable (tables); none imports torch."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Format(str, enum.Enum):
+    """The --format choices; `renderer_for` maps every member to one function."""
+
+    TABLE = "table"
+    JSON = "json"
+
+
+def renderer_for(fmt: Format, command: str):
+    """The render function for one command ('inspect' or 'normalize') and one format."""
+    from bncli.render import json as json_render
+    from bncli.render import table
+
+    renderers = {
+        ("inspect", Format.TABLE): table.inspect_table,
+        ("inspect", Format.JSON): json_render.inspect_json,
+        ("normalize", Format.TABLE): table.normalize_table,
+        ("normalize", Format.JSON): json_render.normalize_json,
+    }
+    return renderers[(command, fmt)]

@@ -1,0 +1,89 @@
+"""JSON renderers: plain json.dumps of the report, non-finite numbers as null (strict JSON has no NaN)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+from typing import Any
+
+from bncli.report import InspectReport, NormalizeReport, Severity
+
+SCHEMA_VERSION = 1
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _dump(payload: dict[str, Any]) -> str:
+    return json.dumps(_clean(payload), indent=2, allow_nan=False)
+
+
+def inspect_payload(report: InspectReport) -> dict[str, Any]:
+    files = []
+    for f in report.files:
+        layers = []
+        for layer in f.layers:
+            entry = {
+                "name": layer.name,
+                "num_features": layer.num_features,
+                "num_batches_tracked": layer.num_batches_tracked,
+                "dtype": layer.dtype,
+                "running_mean": {"min": layer.running_mean.min, "mean": layer.running_mean.center, "max": layer.running_mean.max},
+                "running_var": {"min": layer.running_var.min, "median": layer.running_var.center, "max": layer.running_var.max},
+                "weight_abs_min": layer.weight_abs_min,
+                "flags": list(layer.flags),
+            }
+            if layer.channels is not None:
+                entry["channels"] = [dataclasses.asdict(c) for c in layer.channels]
+            layers.append(entry)
+        files.append(
+            {
+                "path": f.path,
+                "format": f.format,
+                "container": f.container,
+                "prefix": f.prefix,
+                "layers": layers,
+                "findings": [dataclasses.asdict(x) for x in f.findings],
+            }
+        )
+    counts = {s.value: sum(1 for x in report.findings if x.severity is s) for s in Severity}
+    summary = {
+        "files": len(report.files),
+        "layers": sum(len(f.layers) for f in report.files),
+        "channels": sum(layer.num_features for f in report.files for layer in f.layers),
+        "findings": counts,
+    }
+    return {"schema_version": SCHEMA_VERSION, "files": files, "summary": summary}
+
+
+def inspect_json(report: InspectReport) -> str:
+    return _dump(inspect_payload(report))
+
+
+def normalize_json(report: NormalizeReport) -> str:
+    return _dump(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "input": {"path": report.input_path, "key": report.input_key, "shape": list(report.shape), "dtype": report.dtype},
+            "mode": report.mode,
+            "eps": report.eps,
+            "momentum": report.momentum,
+            "affine": report.affine,
+            "layer": report.layer_source,
+            "channels_last": report.channels_last,
+            "channels": [dataclasses.asdict(c) for c in report.channels],
+            "output": report.output_path,
+            "warnings": list(report.warnings),
+        }
+    )

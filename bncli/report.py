@@ -1,0 +1,118 @@
+"""The results bncli computes: frozen dataclasses of plain Python numbers, never tensors."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Severity(str, enum.Enum):
+    """How bad a finding is; ordered so that `--fail-on` can compare."""
+
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+    @property
+    def rank(self) -> int:
+        return _RANKS[self]
+
+
+_RANKS = {Severity.INFO: 1, Severity.WARNING: 2, Severity.ERROR: 3}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One rule's verdict on one layer; `channels` are the offending channel indices (empty: the whole layer)."""
+
+    rule: str  # stable id, e.g. "BN001"
+    name: str  # short name, e.g. "non-finite"
+    severity: Severity
+    layer: str | None
+    channels: tuple[int, ...]
+    message: str
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Three order statistics of a per-channel vector (finite values only; None when there are none)."""
+
+    min: float | None
+    center: float | None  # mean for running_mean, median for running_var
+    max: float | None
+
+
+@dataclass(frozen=True)
+class ChannelRow:
+    index: int
+    running_mean: float
+    running_var: float
+    running_std: float
+    weight: float | None
+    bias: float | None
+    flags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    num_features: int
+    num_batches_tracked: int | None
+    dtype: str
+    running_mean: Summary
+    running_var: Summary
+    weight_abs_min: float | None
+    flags: tuple[str, ...]  # names of the rules this layer raised
+    channels: tuple[ChannelRow, ...] | None = None  # filled only when one layer is inspected
+
+
+@dataclass(frozen=True)
+class FileReport:
+    path: str
+    format: str
+    container: str | None
+    prefix: str | None
+    layers: tuple[LayerReport, ...]
+    findings: tuple[Finding, ...]
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    files: tuple[FileReport, ...]
+
+    @property
+    def findings(self) -> tuple[Finding, ...]:
+        return tuple(f for file in self.files for f in file.findings)
+
+    def worst(self) -> Severity | None:
+        return max((f.severity for f in self.findings), key=lambda s: s.rank, default=None)
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """One channel before and after BatchNorm; std uses correction=1, as torch.Tensor.std does."""
+
+    index: int
+    input_mean: float
+    input_std: float
+    output_mean: float
+    output_std: float
+    running_mean: float  # after the forward pass
+    running_var: float
+
+
+@dataclass(frozen=True)
+class NormalizeReport:
+    input_path: str
+    input_key: str | None
+    shape: tuple[int, ...]  # as stored in the file
+    dtype: str
+    mode: str  # "train" | "eval"
+    eps: float
+    momentum: float | None  # None: cumulative moving average
+    affine: bool
+    layer_source: str | None  # "CKPT:LAYER", or None for a fresh BatchNorm2d(C)
+    channels_last: bool
+    channels: tuple[ChannelStats, ...]
+    output_path: str | None
+    warnings: tuple[str, ...] = ()
