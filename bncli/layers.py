@@ -68,7 +68,9 @@ def select_layer(layers: list[LayerKeys], name: str, path: str) -> LayerKeys:
         return by_name[name]
     if not layers:
         raise InputError(f"{path}: no BatchNorm layer found, so no layer {name!r}")
-    near = difflib.get_close_matches(name, by_name, n=5, cutoff=0.4) or list(by_name)[:5]
+    # Closest first; ties keep file order (difflib.get_close_matches would break them by reversed name).
+    ratio = {n: difflib.SequenceMatcher(None, name, n).ratio() for n in by_name}
+    near = sorted((n for n in by_name if ratio[n] >= 0.4), key=lambda n: -ratio[n])[:5] or list(by_name)[:5]
     raise InputError(f"{path}: no BatchNorm layer named {name!r}; nearest: {', '.join(near)}")
 
 

@@ -65,11 +65,12 @@ def _file_parts(file: FileReport) -> list[RenderableType]:
 
 
 def _layer_table(file: FileReport) -> Table:
+    ids = {f.name: f.rule for f in file.findings}
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
-    table.add_column("layer", overflow="fold")
+    table.add_column("layer", no_wrap=True)  # names are what users grep for: never broken
     for header in ("C", "batches", "mean\nmin", "mean\nmean", "mean\nmax", "var\nmin", "var\nmedian", "var\nmax", "min\n|weight|"):
         table.add_column(header, justify="right", no_wrap=True)
-    table.add_column("flags", overflow="fold")
+    table.add_column("flags")  # rule ids here, to stay narrow; the findings below spell them out
     for layer in file.layers:
         m, v = layer.running_mean, layer.running_var
         table.add_row(
@@ -77,7 +78,7 @@ def _layer_table(file: FileReport) -> Table:
             str(layer.num_features),
             fmt(layer.num_batches_tracked),
             *(fmt(x) for x in (m.min, m.center, m.max, v.min, v.center, v.max, layer.weight_abs_min)),
-            Text(", ".join(layer.flags), style="red" if layer.flags else ""),
+            Text(" ".join(ids.get(name, name) for name in layer.flags), style="red" if layer.flags else ""),
         )
     return table
 

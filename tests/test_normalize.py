@@ -1,0 +1,148 @@
+"""`bncli normalize` against nn.BatchNorm2d itself and against the float64 formula."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import SAMPLES, bn_state
+from torch import nn
+
+from bncli.normalize import normalize
+
+
+def _reference(x, mode, *, eps=1e-5, momentum=0.1, affine=True, state=None):
+    bn = nn.BatchNorm2d(x.shape[1], eps=eps, momentum=momentum, affine=affine)
+    if state is not None:
+        bn.load_state_dict(state)
+    bn.train(mode == "train")
+    with torch.no_grad():
+        y = bn(x)
+    return y, bn
+
+
+def _save(tmp_path, tensor, name="x.pt"):
+    path = tmp_path / name
+    torch.save(tensor, path)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("momentum", [0.1, 0.5, None])
+@pytest.mark.parametrize("affine", [True, False])
+def test_fresh_layer_matches_module(tmp_path, mode, momentum, affine):
+    x = torch.randn(6, 5, 7, 3, generator=torch.Generator().manual_seed(1)) * 3 + 2
+    path = _save(tmp_path, x)
+    out = tmp_path / "y.pt"
+    report = normalize(path, mode=mode, momentum=momentum, affine=affine, output=out)
+    y_ref, bn = _reference(x, mode, momentum=momentum, affine=affine)
+    y = torch.load(out, weights_only=True)
+    assert y.shape == x.shape
+    assert torch.allclose(y, y_ref, atol=1e-6, rtol=0)
+    assert [c.running_mean for c in report.channels] == pytest.approx(bn.running_mean.tolist(), abs=1e-7)
+    assert [c.running_var for c in report.channels] == pytest.approx(bn.running_var.tolist(), abs=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_checkpoint_layer_matches_module(tmp_path, make_ckpt, mode):
+    state = bn_state(channels=4, prefix="stage.2")
+    ckpt = make_ckpt({"state_dict": {f"module.{k}": v for k, v in state.items()}})
+    x = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(2))
+    path = _save(tmp_path, x)
+    out = tmp_path / "y.safetensors"
+    report = normalize(path, mode=mode, checkpoint=ckpt, layer="stage.2", eps=1e-3, momentum=0.2, output=out)
+    plain = {k.removeprefix("stage.2."): v for k, v in state.items()}
+    y_ref, bn = _reference(x, mode, eps=1e-3, momentum=0.2, state=plain)
+    from safetensors.torch import load_file
+
+    y = load_file(out)["output"]
+    assert torch.allclose(y, y_ref, atol=1e-6, rtol=0)
+    assert [c.running_var for c in report.channels] == pytest.approx(bn.running_var.tolist(), abs=1e-7)
+    assert report.layer_source.endswith(":stage.2")
+
+
+def test_statistics_match_float64_formula(tmp_path):
+    x = torch.randn(4, 3, 9, 9, generator=torch.Generator().manual_seed(3)) * torch.tensor([1.0, 10.0, 0.1]).view(1, 3, 1, 1)
+    report = normalize(_save(tmp_path, x), mode="train")
+    x64 = x.double().numpy()
+    y_ref, _ = _reference(x, "train")
+    y64 = y_ref.double().numpy()
+    for c, row in enumerate(report.channels):
+        values, out = x64[:, c].ravel(), y64[:, c].ravel()
+        assert row.input_mean == pytest.approx(values.mean(), rel=1e-12, abs=1e-12)
+        assert row.input_std == pytest.approx(values.std(ddof=1), rel=1e-12)
+        assert row.output_mean == pytest.approx(out.mean(), abs=1e-7)
+        assert row.output_std == pytest.approx(out.std(ddof=1), rel=1e-6)
+        # Train mode normalizes with the biased variance, so the corrected std of the output is sqrt(n/(n-1)).
+        n = values.size
+        assert row.output_std == pytest.approx(np.sqrt(n / (n - 1)) * np.sqrt(values.var() / (values.var() + 1e-5)), rel=1e-5)
+
+
+def test_channels_last_and_batch_dim_round_trip(tmp_path):
+    x = torch.randn(2, 6, 6, 3, generator=torch.Generator().manual_seed(4))
+    out = tmp_path / "y.pt"
+    normalize(_save(tmp_path, x), channels_last=True, output=out)
+    y_ref, _ = _reference(x.permute(0, 3, 1, 2), "train")
+    y = torch.load(out, weights_only=True)
+    assert y.shape == x.shape  # written back in the input's own layout
+    assert torch.allclose(y, y_ref.permute(0, 2, 3, 1), atol=1e-6, rtol=0)
+
+    single = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(5))
+    normalize(_save(tmp_path, single, "one.pt"), add_batch_dim=True, output=out)
+    y_ref, _ = _reference(single.unsqueeze(0), "train")
+    assert torch.allclose(torch.load(out, weights_only=True), y_ref.squeeze(0), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_other_float_dtypes(tmp_path, dtype):
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(6)).to(dtype)
+    report = normalize(_save(tmp_path, x), mode="train")
+    assert report.dtype == str(dtype).removeprefix("torch.")
+    ref = x.double().numpy()
+    tol = {torch.float64: 1e-12, torch.float16: 1e-6, torch.bfloat16: 1e-6}[dtype]
+    for c, row in enumerate(report.channels):
+        assert row.input_mean == pytest.approx(ref[:, c].mean(), rel=tol, abs=tol)
+
+
+def test_cli_table_and_json(cli, tmp_path):
+    result = cli("normalize", SAMPLES / "input.pt")
+    assert result.exit_code == 0, result
+    assert "in mean" in result.stdout and "running_var" in result.stdout
+    assert "correction=1" in result.stdout
+
+    result = cli("normalize", SAMPLES / "input.pt", "--format", "json", "--mode", "eval")
+    assert result.exit_code == 0, result
+    data = json.loads(result.stdout)
+    assert data["schema_version"] == 1
+    assert set(data) >= {"input", "mode", "eps", "momentum", "channels", "output"}
+    assert set(data["input"]) >= {"path", "shape", "dtype"}
+    assert data["input"]["shape"] == [8, 3, 16, 16]
+    assert set(data["channels"][0]) >= {"index", "input_mean", "input_std", "output_mean", "output_std", "running_mean", "running_var"}
+    x = torch.load(SAMPLES / "input.pt", weights_only=True).double()
+    assert data["channels"][1]["input_std"] == pytest.approx(x[:, 1].std().item(), rel=1e-9)
+    # eval with a fresh layer: said plainly, on stderr
+    assert "running statistics are the defaults" in result.stderr
+
+
+def test_cli_key_selects_tensor(cli):
+    result = cli("normalize", SAMPLES / "inputs.safetensors", "--key", "images", "-f", "json")
+    assert result.exit_code == 0, result
+    assert json.loads(result.stdout)["input"]["key"] == "images"
+
+
+def test_cli_writes_output_atomically(cli, tmp_path):
+    out = tmp_path / "out.pt"
+    result = cli("normalize", SAMPLES / "input.npy", "--output", out)
+    assert result.exit_code == 0, result
+    assert out.exists() and [p.name for p in tmp_path.iterdir()] == ["out.pt"]
+
+
+def test_checkpoint_layer_from_sample(cli):
+    result = cli("normalize", SAMPLES / "activations.pt", "-m", "eval", "-c", SAMPLES / "model.pt", "-l", "features.1", "-f", "json")
+    assert result.exit_code == 0, result
+    data = json.loads(result.stdout)
+    assert data["layer"].endswith("model.pt:features.1")
+    assert len(data["channels"]) == 16
+    assert result.stderr == ""

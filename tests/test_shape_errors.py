@@ -1,0 +1,112 @@
+"""Every shape or dtype mistake gives one clear line on stderr, exit 3, and no traceback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SAMPLES, bn_state
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code == 3, result
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture
+def tensor_file(tmp_path):
+    def save(tensor, name="x.pt"):
+        path = tmp_path / name
+        torch.save(tensor, path)
+        return path
+
+    return save
+
+
+def test_three_dims_suggests_batch_dim(cli, tensor_file):
+    _one_line_error(cli("normalize", tensor_file(torch.randn(3, 32, 32))), "got shape (3, 32, 32)", "--add-batch-dim")
+
+
+def test_two_dims_names_batchnorm1d(cli, tensor_file):
+    _one_line_error(cli("normalize", tensor_file(torch.randn(8, 3))), "(8, 3)", "BatchNorm1d takes (N, C)")
+
+
+def test_five_dims_names_batchnorm3d(cli, tensor_file):
+    _one_line_error(cli("normalize", tensor_file(torch.randn(2, 3, 4, 4, 4))), "BatchNorm3d takes (N, C, D, H, W)")
+
+
+def test_channel_mismatch_hints_channels_last(cli, tensor_file, make_ckpt):
+    ckpt = make_ckpt(bn_state(channels=3, prefix="stem.bn"))
+    result = cli("normalize", SAMPLES / "input_nhwc.pt", "-c", ckpt, "-l", "stem.bn")
+    _one_line_error(result, "16 channels in dim 1", "num_features=3", "--channels-last")
+    fixed = cli("normalize", SAMPLES / "input_nhwc.pt", "-c", ckpt, "-l", "stem.bn", "--channels-last")
+    assert fixed.exit_code == 0, fixed
+
+
+def test_channel_mismatch_without_hint(cli, tensor_file, make_ckpt):
+    ckpt = make_ckpt(bn_state(channels=5, prefix="bn"))
+    result = cli("normalize", tensor_file(torch.randn(2, 3, 4, 4)), "-c", ckpt, "-l", "bn")
+    _one_line_error(result, "3 channels in dim 1", "num_features=5")
+    assert "channels-last" not in result.stderr
+
+
+def test_train_with_one_value_per_channel(cli, tensor_file):
+    path = tensor_file(torch.randn(1, 3, 1, 1))
+    _one_line_error(cli("normalize", path), "more than 1 value per channel", "N*H*W = 1", "--mode eval")
+    assert cli("normalize", path, "--mode", "eval").exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("tensor", "name"),
+    [
+        (torch.ones(2, 3, 4, 4, dtype=torch.int64), "int64"),
+        (torch.ones(2, 3, 4, 4, dtype=torch.bool), "bool"),
+        (torch.ones(2, 3, 4, 4, dtype=torch.complex64), "complex64"),
+    ],
+)
+def test_non_float_dtypes(cli, tensor_file, tensor, name):
+    _one_line_error(cli("normalize", tensor_file(tensor)), f"dtype {name} is not supported", "floating-point")
+
+
+def test_empty_tensor(cli, tensor_file):
+    _one_line_error(cli("normalize", tensor_file(torch.empty(0, 3, 4, 4))), "empty", "(0, 3, 4, 4)")
+
+
+def test_several_tensors_need_key(cli):
+    _one_line_error(cli("normalize", SAMPLES / "inputs.safetensors"), "holds 2 tensors", "--key", "images, labels")
+
+
+def test_unknown_key_lists_keys(cli):
+    _one_line_error(cli("normalize", SAMPLES / "inputs.safetensors", "--key", "imgs"), "no tensor named 'imgs'", "images, labels")
+
+
+def test_add_batch_dim_on_4d(cli):
+    _one_line_error(cli("normalize", SAMPLES / "input.pt", "--add-batch-dim"), "--add-batch-dim expects a 3-D tensor")
+
+
+def test_missing_file(cli, tmp_path):
+    _one_line_error(cli("normalize", tmp_path / "nope.pt"), "nope.pt", "no such file")
+
+
+def test_checkpoint_without_layer_is_an_error(cli, make_ckpt):
+    _one_line_error(cli("normalize", SAMPLES / "input.pt", "-c", make_ckpt(bn_state())), "--checkpoint and --layer go together")
+
+
+def test_unknown_layer_in_normalize(cli):
+    _one_line_error(cli("normalize", SAMPLES / "activations.pt", "-c", SAMPLES / "model.pt", "-l", "features.2"), "features.1")
+
+
+def test_bad_output_suffix(cli, tmp_path):
+    _one_line_error(cli("normalize", SAMPLES / "input.pt", "-o", tmp_path / "y.txt"), "unsupported output suffix")
+    assert not (tmp_path / "y.txt").exists()
+
+
+def test_usage_errors_exit_2(cli):
+    assert cli("normalize", SAMPLES / "input.pt", "--momentum", "3").exit_code == 2
+    assert cli("normalize", SAMPLES / "input.pt", "--eps", "0").exit_code == 2
+    assert cli("normalize", SAMPLES / "input.pt", "--mode", "test").exit_code == 2
