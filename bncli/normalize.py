@@ -54,9 +54,26 @@ def check_channels(x: torch.Tensor, num_features: int, source: str, layer: str, 
     if channels == num_features:
         return
     hint = ""
-    if not channels_last and x.shape[-1] == num_features:
+    if not channels_last and x.shape[-1] == num_features and _looks_channels_last(x):
         hint = f"; its last dimension is {num_features}: channels-last (N, H, W, C)? pass --channels-last"
     raise ShapeError(f"{source}: {channels} channels in dim 1 but {layer} has num_features={num_features}{hint}")
+
+
+def _looks_channels_last(x: torch.Tensor) -> bool:
+    """An (N, C, H, W) reading with square images beats an (N, H, W, C) reading with non-square ones."""
+    _, d1, d2, d3 = x.shape
+    return not (d2 == d3 and d1 != d2)
+
+
+def channels_last_warning(x: torch.Tensor) -> str | None:
+    """A fresh layer takes dim 1 as channels whatever it is; say so when the tensor looks NHWC."""
+    _, d1, d2, d3 = x.shape
+    if d3 in (1, 3, 4) and d1 == d2 and d1 > 4:
+        return (
+            f"shape {_shape(x)} looks channels-last (N, H, W, C) with C={d3}; BatchNorm2d is treating dim 1 "
+            f"({d1}) as the channels. Pass --channels-last if the tensor is NHWC"
+        )
+    return None
 
 
 def check_train_batch(x: torch.Tensor, source: str) -> None:
@@ -123,6 +140,8 @@ def normalize(
         num_features = state.num_features
     else:
         num_features = x.shape[1]
+        if not channels_last and (hint := channels_last_warning(x)):
+            warnings.append(hint)
         if mode == "eval":
             warnings.append(
                 "eval mode with a fresh BatchNorm2d: the running statistics are the defaults (mean 0, var 1), "

@@ -110,3 +110,20 @@ def test_usage_errors_exit_2(cli):
     assert cli("normalize", SAMPLES / "input.pt", "--momentum", "3").exit_code == 2
     assert cli("normalize", SAMPLES / "input.pt", "--eps", "0").exit_code == 2
     assert cli("normalize", SAMPLES / "input.pt", "--mode", "test").exit_code == 2
+
+
+def test_fresh_layer_warns_when_input_looks_nhwc(cli):
+    result = cli("normalize", SAMPLES / "input_nhwc.pt")
+    assert result.exit_code == 0, result
+    assert "looks channels-last (N, H, W, C) with C=3" in result.stderr
+    quiet = cli("normalize", SAMPLES / "input_nhwc.pt", "--channels-last")
+    assert quiet.exit_code == 0 and "channels-last" not in quiet.stderr
+    assert "channels-last" not in cli("normalize", SAMPLES / "input.pt").stderr
+
+
+def test_no_channels_last_hint_for_square_nchw_images(cli, make_ckpt):
+    # (8, 3, 16, 16) against a 16-channel layer: the last dim matches, but NCHW with square 16x16 images
+    # is the likelier reading, so no hint that would send the user the wrong way.
+    result = cli("normalize", SAMPLES / "input.pt", "-c", SAMPLES / "model.pt", "-l", "features.1")
+    _one_line_error(result, "3 channels in dim 1", "num_features=16")
+    assert "--channels-last" not in result.stderr
