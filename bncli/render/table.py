@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from bncli.render.common import fmt, summary_line
+from bncli.render.spark import var_spark, weight_spark
 from bncli.report import FileReport, InspectReport, NormalizeReport, Severity
 
 STYLES = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
-
-
-def fmt(value: float | int | None) -> str:
-    """Four significant digits; '-' for a missing value, 'nan'/'inf' spelled out."""
-    if value is None:
-        return "-"
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.4g}"
 
 
 def inspect_table(report: InspectReport) -> RenderableType:
@@ -34,32 +21,29 @@ def inspect_table(report: InspectReport) -> RenderableType:
     return Group(*parts)
 
 
-def summary_line(report: InspectReport) -> str:
-    layers = sum(len(f.layers) for f in report.files)
-    channels = sum(layer.num_features for f in report.files for layer in f.layers)
-    counts = [(s, sum(1 for x in report.findings if x.severity is s)) for s in (Severity.ERROR, Severity.WARNING, Severity.INFO)]
-    found = ", ".join(f"{n} {s.value}{'s' if n != 1 and s is not Severity.INFO else ''}" for s, n in counts)
-    return f"{layers} BatchNorm layer{'s' if layers != 1 else ''}, {channels} channels; findings: {found}"
-
-
 def _file_parts(file: FileReport) -> list[RenderableType]:
-    how = [file.format]
+    if file.error is not None:
+        return [Text(f"unreadable: {file.error}", style="bold red")]
+    how = [file.format or ""]
     if file.container:
         how.append(f"state dict under {file.container!r}")
     if file.prefix:
         how.append(f"prefix {file.prefix!r} stripped")
     title = Text(f"{file.path} ({', '.join(how)})", style="bold")
-    if not file.layers:
-        return [title, Text("no BatchNorm layers (no key prefix has both running_mean and running_var)")]
-    single = file.layers[0].channels is not None
-    table = _channel_table(file) if single else _layer_table(file)
-    parts: list[RenderableType] = [title, table]
+    parts: list[RenderableType] = [title]
+    if file.layers:
+        single = file.layers[0].channels is not None
+        parts.append(_channel_table(file) if single else _layer_table(file))
+    elif not file.findings:
+        parts.append(Text("no BatchNorm layers (no key prefix has both running_mean and running_var)"))
     for f in file.findings:
         line = Text()
         line.append(f"{f.severity.value:<8}", style=STYLES[f.severity])
         line.append(f"{f.rule} {f.name} ")
-        line.append(f.layer or "", style="bold")
-        line.append(f": {f.message}")
+        if f.layer is not None:
+            line.append(f.layer, style="bold")
+            line.append(": ")
+        line.append(f.message)
         parts.append(line)
     return parts
 
@@ -67,8 +51,12 @@ def _file_parts(file: FileReport) -> list[RenderableType]:
 def _layer_table(file: FileReport) -> Table:
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     table.add_column("layer", overflow="fold")
-    for header in ("C", "batches", "mean\nmin", "mean\nmean", "mean\nmax", "var\nmin", "var\nmedian", "var\nmax", "min\n|weight|"):
+    headers = ("C", "batches", "mean\nmin", "mean\nmean", "mean\nmax", "var\nmin", "var\nmedian", "var\nmax", "min\n|weight|")
+    for header in headers:
         table.add_column(header, justify="right", no_wrap=True)
+    # Per-channel shape at a glance: one block per channel (or per bucket, showing its most extreme channel).
+    table.add_column("log10 var\nper channel", no_wrap=True)
+    table.add_column("|weight|\nper channel", no_wrap=True)
     table.add_column("flags", overflow="fold")
     for layer in file.layers:
         m, v = layer.running_mean, layer.running_var
@@ -77,6 +65,8 @@ def _layer_table(file: FileReport) -> Table:
             str(layer.num_features),
             fmt(layer.num_batches_tracked),
             *(fmt(x) for x in (m.min, m.center, m.max, v.min, v.center, v.max, layer.weight_abs_min)),
+            var_spark(layer.running_var_values),
+            weight_spark(layer.weight_abs_values),
             Text(", ".join(layer.flags), style="red" if layer.flags else ""),
         )
     return table
@@ -84,8 +74,9 @@ def _layer_table(file: FileReport) -> Table:
 
 def _channel_table(file: FileReport) -> Table:
     layer = file.layers[0]
+    count = fmt(layer.num_batches_tracked)
     table = Table(
-        title=f"layer {layer.name}: {layer.num_features} channels, {layer.dtype}, num_batches_tracked={fmt(layer.num_batches_tracked)}",
+        title=f"layer {layer.name}: {layer.num_features} channels, {layer.dtype}, num_batches_tracked={count}",
         title_justify="left",
         show_edge=False,
         pad_edge=False,
