@@ -88,7 +88,8 @@ def test_python_310_without_tomli_warns_and_skips(tmp_path, monkeypatch):
     monkeypatch.setattr(config_mod, "_toml", lambda: None)
     cfg = load_config(tmp_path)
     assert cfg.values == {}
-    assert cfg.warnings == (f"{tmp_path / 'pyproject.toml'}: [tool.bncli] ignored: reading TOML on Python 3.10 needs `pip install tomli`",)
+    expected = f"{tmp_path / 'pyproject.toml'}: [tool.bncli] ignored: reading TOML on Python 3.10 needs `pip install tomli`"
+    assert cfg.warnings == (expected,)
 
 
 # --------------------------------------------------------------------------- through the CLI
@@ -128,5 +129,6 @@ def test_cli_bad_config_is_one_error_line_exit_2(cli, tmp_path, monkeypatch, def
     monkeypatch.chdir(tmp_path)
     result = cli("inspect", defects)
     assert result.exit_code == 2
-    assert result.stderr == f"error: {tmp_path / 'pyproject.toml'}: [tool.bncli] fail-on must be one of error, warning, info, never; got 3\n"
+    expected = f"{tmp_path / 'pyproject.toml'}: [tool.bncli] fail-on must be one of error, warning, info, never; got 3"
+    assert result.stderr == f"error: {expected}\n"
     assert result.stdout == ""

@@ -96,7 +96,8 @@ def test_github_annotations(report):
     defects = str(SAMPLES / "model_defects.pt")
     assert lines[0] == (
         f"::error file={defects},title=bncli BN003 never-updated in features.1::features.1: every running_mean is 0 "
-        "and every running_var is 1: the statistics were never updated (trained in eval mode, frozen, or saved before any forward pass)"
+        "and every running_var is 1: the statistics were never updated (trained in eval mode, frozen, or saved before any "
+        "forward pass)"
     )
     assert lines[4] == (
         f"::notice file={defects},title=bncli BN005 dead-channel in features.9::features.9: |weight| below 0.001 in 3 "
@@ -204,7 +205,8 @@ def test_table_shows_sparklines_findings_and_unreadable(cli):
     assert "log10 var" in out and "█×█▁█▁██████████" in out  # features.5: NaN in channel 3, collapsed 7 and 11
     assert "▁▁▁▇▇██▇█▇███▇▇▇" in out  # features.9 |weight|: dead channels 0, 2, 5
     assert "unreadable: missing.pt: no such file" in out
-    assert out.rstrip().splitlines()[-1] == "2 files (1 unreadable), 3 BatchNorm layers, 80 channels; findings: 3 errors, 1 warning, 1 info"
+    last = "2 files (1 unreadable), 3 BatchNorm layers, 80 channels; findings: 3 errors, 1 warning, 1 info"
+    assert out.rstrip().splitlines()[-1] == last
 
 
 def test_table_of_a_file_without_batchnorm(cli):
