@@ -303,3 +303,13 @@ def test_github_actions_example_is_valid_yaml():
     block = text.split("## GitHub Actions", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
     workflow = yaml.safe_load(block)
     assert [s.get("run", "") for s in workflow["jobs"]["bncli"]["steps"]][-2:] == [f"{c}" for c in workflow_commands()]
+
+
+def test_inspect_help_imports_no_heavy_module():
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom bncli.cli import app\n"
+        "assert CliRunner().invoke(app, ['inspect', '--help']).exit_code == 0\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'safetensors') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
