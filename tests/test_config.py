@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 
 import pytest
 
@@ -132,3 +134,23 @@ def test_cli_bad_config_is_one_error_line_exit_2(cli, tmp_path, monkeypatch, def
     expected = f"{tmp_path / 'pyproject.toml'}: [tool.bncli] fail-on must be one of error, warning, info, never; got 3"
     assert result.stderr == f"error: {expected}\n"
     assert result.stdout == ""
+
+
+def test_cli_no_require_bn_overrides_the_file(cli, tmp_path, monkeypatch):
+    from conftest import SAMPLES
+
+    write(tmp_path, "[tool.bncli]\nrequire-bn = true\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli("inspect", SAMPLES / "inputs.safetensors").exit_code == 1
+    assert cli("inspect", SAMPLES / "inputs.safetensors", "--no-require-bn").exit_code == 0
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="tomllib is new in Python 3.11")
+def test_toml_reader_per_python_version(monkeypatch):
+    tomllib = importlib.import_module("tomllib")
+    assert config_mod._toml() is tomllib
+    monkeypatch.setattr(sys, "version_info", (3, 10, 12))
+    monkeypatch.setitem(sys.modules, "tomli", None)  # makes `import tomli` raise ImportError
+    assert config_mod._toml() is None
+    monkeypatch.setitem(sys.modules, "tomli", tomllib)  # stands in for the installed backport
+    assert config_mod._toml() is tomllib
