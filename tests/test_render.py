@@ -234,3 +234,26 @@ def test_per_channel_values_are_exact(make_ckpt):
     assert lr.running_var_values == tuple(float(v) for v in sd["bn.running_var"].double())
     assert lr.weight_abs_values == tuple(float(v) for v in torch.abs(sd["bn.weight"].double()))
     assert Path(rep.files[0].path).exists()
+
+
+def render_at(report: InspectReport, width: int) -> str:
+    import io
+
+    from rich.console import Console
+
+    from bncli.render.table import inspect_table
+
+    out = io.StringIO()
+    Console(file=out, width=width, no_color=True, highlight=False).print(inspect_table(report))
+    return out.getvalue()
+
+
+def test_table_gives_up_detail_not_readability_on_narrow_terminals():
+    rep = inspect_files([SAMPLES / "model_defects.pt"])
+    wide, medium, narrow = (render_at(rep, w) for w in (200, 140, 80))
+    assert "█×█▁█▁██████████" in wide and "mean" in wide
+    assert "×▁▁█████" in medium and "█×█▁█▁██████████" not in medium  # 8 buckets of 4 channels: NaN in channel 3 first
+    assert "per channel" not in narrow and "mean" not in narrow.split("findings")[0].split("\n", 3)[1]
+    for text, width in ((wide, 200), (medium, 140), (narrow, 80)):
+        assert max(len(line) for line in text.splitlines()[:6]) <= width
+        assert "features.1 │ 16 │" in text  # layer names are never squeezed

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from rich.console import Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -33,7 +34,7 @@ def _file_parts(file: FileReport) -> list[RenderableType]:
     parts: list[RenderableType] = [title]
     if file.layers:
         single = file.layers[0].channels is not None
-        parts.append(_channel_table(file) if single else _layer_table(file))
+        parts.append(_channel_table(file) if single else _FitWidth(file))
     elif not file.findings:
         parts.append(Text("no BatchNorm layers (no key prefix has both running_mean and running_var)"))
     for f in file.findings:
@@ -48,27 +49,48 @@ def _file_parts(file: FileReport) -> list[RenderableType]:
     return parts
 
 
-def _layer_table(file: FileReport) -> Table:
+class _FitWidth:
+    """The layer table in the most detailed variant that fits the console: wide sparklines, narrow ones, none,
+    and last without the running_mean columns, so a narrow terminal loses detail instead of squeezing every cell."""
+
+    LEVELS = ((16, True), (8, True), (8, False), (0, True), (0, False))  # (sparkline width, show the mean columns)
+    FLAGS = 16  # room kept for the flags column, which folds: its natural width does not count
+
+    def __init__(self, file: FileReport) -> None:
+        self.file = file
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        unbounded = options.update(max_width=10**6)  # Measurement.get clamps to max_width: measure without it
+        for spark, means in self.LEVELS:
+            needed = Measurement.get(console, unbounded, _layer_table(self.file, spark, means, flags=False)).maximum
+            if needed + self.FLAGS <= options.max_width:
+                break
+        yield _layer_table(self.file, spark, means)
+
+
+def _layer_table(file: FileReport, spark: int = 16, means: bool = True, flags: bool = True) -> Table:
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     table.add_column("layer", overflow="fold")
-    headers = ("C", "batches", "mean\nmin", "mean\nmean", "mean\nmax", "var\nmin", "var\nmedian", "var\nmax", "min\n|weight|")
+    headers = ("C", "batches", *(("mean\nmin", "mean\nmean", "mean\nmax") if means else ()), "var\nmin", "var\nmedian",
+               "var\nmax", "min\n|weight|")
     for header in headers:
         table.add_column(header, justify="right", no_wrap=True)
-    # Per-channel shape at a glance: one block per channel (or per bucket, showing its most extreme channel).
-    table.add_column("log10 var\nper channel", no_wrap=True)
-    table.add_column("|weight|\nper channel", no_wrap=True)
-    table.add_column("flags", overflow="fold")
+    if spark:
+        # Per-channel shape at a glance: one block per channel (or per bucket, showing its most extreme channel).
+        table.add_column("log10 var\nper channel", no_wrap=True)
+        table.add_column("|weight|\nper channel", no_wrap=True)
+    if flags:
+        table.add_column("flags", overflow="fold")
     for layer in file.layers:
         m, v = layer.running_mean, layer.running_var
-        table.add_row(
-            layer.name,
-            str(layer.num_features),
-            fmt(layer.num_batches_tracked),
-            *(fmt(x) for x in (m.min, m.center, m.max, v.min, v.center, v.max, layer.weight_abs_min)),
-            var_spark(layer.running_var_values),
-            weight_spark(layer.weight_abs_values),
-            Text(", ".join(layer.flags), style="red" if layer.flags else ""),
-        )
+        cells = [layer.name, str(layer.num_features), fmt(layer.num_batches_tracked)]
+        cells += [fmt(x) for x in ((m.min, m.center, m.max) if means else ())]
+        cells += [fmt(x) for x in (v.min, v.center, v.max, layer.weight_abs_min)]
+        if spark:
+            cells += [var_spark(layer.running_var_values, spark), weight_spark(layer.weight_abs_values, spark)]
+        if flags:
+            cells.append(Text(", ".join(layer.flags), style="red" if layer.flags else ""))
+        table.add_row(*cells)
     return table
 
 
