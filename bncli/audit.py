@@ -1,27 +1,92 @@
-"""The `inspect` core: load a checkpoint, find its BatchNorm layers, run the rules, build the report."""
+"""The `inspect` core: expand the inputs, load each checkpoint, find its BatchNorm layers, run the rules, build the report."""
 
 from __future__ import annotations
 
+import glob
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bncli.errors import InputError
 from bncli.layers import find_layers, read_layer, select_layer
-from bncli.loading import load_checkpoint
+from bncli.loading import TORCH_SUFFIXES, load_checkpoint
 from bncli.report import ChannelRow, FileReport, Finding, InspectReport, LayerReport, Summary
-from bncli.rules import Thresholds, run_rules
+from bncli.rules import ALL_IDS, Thresholds, run_file_rules, run_rules
 
 if TYPE_CHECKING:
     from bncli.layers import BNLayer
 
+CHECKPOINT_SUFFIXES = (*TORCH_SUFFIXES, ".safetensors")
+
+
+class NoInputFound(InputError):
+    """A directory or a pattern on the command line that yields no checkpoint file."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+
+
+def expand_inputs(args: list[str | os.PathLike]) -> list[str | NoInputFound]:
+    """Files as given, directories walked (checkpoint suffixes only, hidden folders skipped), globs expanded.
+
+    An argument that yields nothing becomes an InputError in its place, so that the others are still audited.
+    Order is kept (directories and globs sorted) and duplicates are dropped.
+    """
+    out: list[str | NoInputFound] = []
+    for arg in args:
+        text = os.fspath(arg)
+        if os.path.isdir(text):
+            found = _walk(text)
+            out.extend(found or [NoInputFound(text, f"no checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)}) in this directory")])
+        elif not os.path.lexists(text) and glob.has_magic(text):
+            # The shell did not expand it (quoted, or no match there): expand it here, as CI configs often quote globs.
+            matches = sorted(glob.glob(text, recursive=True))
+            found = [f for m in matches for f in (_walk(m) if os.path.isdir(m) else [m])]
+            out.extend(found or [NoInputFound(text, "no file matches this pattern")])
+        else:
+            out.append(text)
+    seen: set[str] = set()
+    unique: list[str | NoInputFound] = []
+    for item in out:
+        if isinstance(item, str):
+            if item in seen:
+                continue
+            seen.add(item)
+        unique.append(item)
+    return unique
+
+
+def _walk(directory: str) -> list[str]:
+    found = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(os.path.join(root, f) for f in sorted(files) if f.lower().endswith(CHECKPOINT_SUFFIXES))
+    return found
+
 
 def inspect_files(
-    paths: list[str | os.PathLike],
+    paths: list[str | os.PathLike | NoInputFound],
     *,
     layer: str | None = None,
     state: str | None = None,
     thresholds: Thresholds = Thresholds(),
+    selected: frozenset[str] = ALL_IDS,
+    require_bn: bool = False,
 ) -> InspectReport:
-    return InspectReport(tuple(inspect_file(p, layer=layer, state=state, thresholds=thresholds) for p in paths))
+    """Audit every input; an unreadable one becomes a FileReport with `error` set instead of stopping the rest."""
+    files = []
+    for p in paths:
+        if isinstance(p, NoInputFound):
+            files.append(FileReport.unreadable(p.path, p.message))
+            continue
+        try:
+            files.append(
+                inspect_file(p, layer=layer, state=state, thresholds=thresholds, selected=selected, require_bn=require_bn)
+            )
+        except InputError as exc:
+            files.append(FileReport.unreadable(os.fspath(p), exc.message))
+    return InspectReport(tuple(files))
 
 
 def inspect_file(
@@ -30,18 +95,22 @@ def inspect_file(
     layer: str | None = None,
     state: str | None = None,
     thresholds: Thresholds = Thresholds(),
+    selected: frozenset[str] = ALL_IDS,
+    require_bn: bool = False,
 ) -> FileReport:
     """Audit one checkpoint; with `layer`, report only that layer, channel by channel."""
-    ckpt = load_checkpoint(path, state=state)
+    ckpt = load_checkpoint(Path(path), state=state)
     keys = find_layers(ckpt)
     if layer is not None:
         keys = [select_layer(keys, layer, ckpt.provenance.path)]
-    layers, findings = [], []
+    layers, findings, bns = [], [], []
     for k in keys:
         bn = read_layer(ckpt, k)
-        found = run_rules(bn, thresholds)
+        bns.append(bn)
+        found = run_rules(bn, thresholds, selected)
         findings.extend(found)
         layers.append(summarize_layer(bn, found, per_channel=layer is not None))
+    findings.extend(run_file_rules(bns, thresholds, selected, require_bn))
     prov = ckpt.provenance
     return FileReport(prov.path, prov.format, prov.container, prov.prefix, tuple(layers), tuple(findings))
 
@@ -65,6 +134,8 @@ def summarize_layer(bn: BNLayer, findings: list[Finding], per_channel: bool = Fa
         weight_abs_min=weight_abs,
         flags=tuple(dict.fromkeys(f.name for f in findings)),
         channels=channels,
+        running_var_values=tuple(float(v) for v in bn.running_var.astype(np.float64)),
+        weight_abs_values=None if bn.weight is None else tuple(float(v) for v in np.abs(bn.weight.astype(np.float64))),
     )
 
 

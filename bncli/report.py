@@ -64,16 +64,24 @@ class LayerReport:
     weight_abs_min: float | None
     flags: tuple[str, ...]  # names of the rules this layer raised
     channels: tuple[ChannelRow, ...] | None = None  # filled only when one layer is inspected
+    # Per-channel values in channel order, for the sparklines of the renderers (which import no numpy).
+    running_var_values: tuple[float, ...] = ()
+    weight_abs_values: tuple[float, ...] | None = None  # None: affine=False
 
 
 @dataclass(frozen=True)
 class FileReport:
     path: str
-    format: str
+    format: str | None  # None when the file could not be read
     container: str | None
     prefix: str | None
     layers: tuple[LayerReport, ...]
     findings: tuple[Finding, ...]
+    error: str | None = None  # why the file could not be read; then layers and findings are empty
+
+    @classmethod
+    def unreadable(cls, path: str, error: str) -> FileReport:
+        return cls(path, None, None, None, (), (), error)
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,10 @@ class InspectReport:
     @property
     def findings(self) -> tuple[Finding, ...]:
         return tuple(f for file in self.files for f in file.findings)
+
+    @property
+    def unreadable(self) -> tuple[FileReport, ...]:
+        return tuple(f for f in self.files if f.error is not None)
 
     def worst(self) -> Severity | None:
         return max((f.severity for f in self.findings), key=lambda s: s.rank, default=None)

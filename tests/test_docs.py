@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"```console\n(.*?)```", re.S)
-WIDTH = "100"  # the examples are rendered at this terminal width
+WIDTH = "160"  # the examples are rendered at the width bncli uses when piped
 
 
 def _examples(text: str) -> list[tuple[str, str]]:

@@ -68,7 +68,7 @@ def test_affine_false_and_missing_count(make_ckpt):
 
 def test_thresholds_are_strict(make_ckpt):
     sd = bn_state(channels=4)
-    sd["bn.running_var"] = torch.tensor([1e-5, 0.99e-5, 1.0, 1.0])
+    sd["bn.running_var"] = torch.tensor([1.01e-5, 0.99e-5, 1.0, 1.0])
     sd["bn.weight"] = torch.tensor([1e-3, -0.99e-3, 1.0, 1.0])
     assert _findings(inspect_file(make_ckpt(sd))) == {
         ("BN004", "collapsed-variance", "warning", "bn", (1,)),
@@ -155,4 +155,4 @@ def test_affine_none_layer_json(cli, make_ckpt):
 def test_no_batchnorm_layers(cli, make_ckpt):
     result = cli("inspect", make_ckpt({"fc.weight": torch.randn(2, 2)}))
     assert result.exit_code == 0
-    assert "no BatchNorm layers" in result.stdout
+    assert "BN011 no-batchnorm" in result.stdout

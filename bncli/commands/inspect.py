@@ -1,9 +1,8 @@
-"""`bncli inspect`: audit the BatchNorm layers of a checkpoint."""
+"""`bncli inspect`: audit the BatchNorm layers of checkpoints, as a linter would (stable rule ids, CI-ready output)."""
 
 from __future__ import annotations
 
 import enum
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -15,7 +14,9 @@ from bncli.report import InspectReport, Severity
 COMMAND = {
     "name": "inspect",
     "epilog": "Examples:  bncli inspect model.pt  ·  bncli inspect model.pt --layer features.1  ·  "
-    "bncli inspect model.safetensors --format json --fail-on warning",
+    "bncli inspect checkpoints/ 'runs/**/*.pt' --format github --fail-on warning  ·  "
+    "bncli inspect model.pt --ignore dead-channel --max-var 1e6.  "
+    "Rules: BN001..BN011, see docs/rules.md.  Settings may also come from \\[tool.bncli] in pyproject.toml; options win.",
 }
 
 
@@ -26,37 +27,109 @@ class FailOn(str, enum.Enum):
     NEVER = "never"
 
 
-def exit_code(report: InspectReport, fail_on: FailOn) -> ExitCode:
-    """FINDINGS when a finding reaches --fail-on, else OK."""
+def exit_code(report: InspectReport, fail_on: FailOn | str) -> ExitCode:
+    """INPUT when an input could not be read, else FINDINGS when a finding reaches --fail-on, else OK."""
+    if report.unreadable:
+        return ExitCode.INPUT
+    fail_on = FailOn(fail_on)
     worst = report.worst()
     if fail_on is FailOn.NEVER or worst is None:
         return ExitCode.OK
     return ExitCode.FINDINGS if worst.rank >= Severity(fail_on.value).rank else ExitCode.OK
 
 
+def _threshold(name: str, help: str):
+    return typer.Option(name, help=help, metavar="FLOAT", show_default=False, rich_help_panel="Thresholds")
+
+
 def run(
-    checkpoint: Annotated[
-        Path, typer.Argument(help="Checkpoint: .pt/.pth/.ckpt/.bin/.th (torch) or .safetensors.", show_default=False)
+    checkpoints: Annotated[
+        list[str],
+        typer.Argument(
+            help="Checkpoints (.pt/.pth/.ckpt/.bin/.th or .safetensors), directories (searched for those suffixes) "
+            "or quoted glob patterns ('runs/**/*.pt').",
+            show_default=False,
+            metavar="PATH...",
+        ),
     ],
     layer: Annotated[Optional[str], typer.Option("--layer", "-l", help="Show one layer, channel by channel.")] = None,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.TABLE,
-    fail_on: Annotated[FailOn, typer.Option("--fail-on", help="Exit 1 when a finding has at least this severity.")] = FailOn.ERROR,
+    fmt: Annotated[
+        Optional[Format], typer.Option("--format", "-f", help="Output format. \\[default: table]", show_default=False)
+    ] = None,
+    fail_on: Annotated[
+        Optional[FailOn],
+        typer.Option("--fail-on", help="Exit 1 on a finding of at least this severity. \\[default: error]", show_default=False),
+    ] = None,
+    select: Annotated[
+        Optional[list[str]],
+        typer.Option("--select", metavar="RULE", help="Run only these rules (ids or names; repeat or separate with commas)."),
+    ] = None,
+    ignore: Annotated[
+        Optional[list[str]],
+        typer.Option("--ignore", metavar="RULE", help="Do not report these rules (ids or names; repeat or comma-separate)."),
+    ] = None,
+    require_bn: Annotated[
+        Optional[bool],
+        typer.Option("--require-bn/--no-require-bn", help="A file without any BatchNorm layer is an error (BN011)."),
+    ] = None,
+    eps: Annotated[Optional[float], _threshold("--eps", "The layers' eps in 1/sqrt(var + eps). \\[default: 1e-5]")] = None,
+    min_var: Annotated[Optional[float], _threshold("--min-var", "BN004: collapsed below this. \\[default: eps]")] = None,
+    max_var: Annotated[Optional[float], _threshold("--max-var", "BN008: running_var above. \\[default: 1e4]")] = None,
+    max_mean: Annotated[
+        Optional[float], _threshold("--max-mean", "BN008: |running_mean| above this is exploding. \\[default: 100]")
+    ] = None,
+    dead_weight: Annotated[
+        Optional[float], _threshold("--dead-weight", "BN005: |weight| below this is a dead channel. \\[default: 1e-3]")
+    ] = None,
     state: Annotated[
         Optional[str],
         typer.Option("--state", help="Key of the state dict inside the checkpoint, e.g. 'ema' (default: found automatically)."),
     ] = None,
 ) -> None:
-    """Audit the running statistics and affine parameters of every BatchNorm layer in a checkpoint.
+    """Audit the running statistics and affine parameters of every BatchNorm layer in checkpoints.
 
     A BatchNorm layer is any key prefix with both running_mean and running_var; names need not contain "bn".
-    Flags NaN/Inf, negative or collapsed variances, statistics never updated, and dead channels (|weight| ~ 0).
+    Flags NaN/Inf, negative, collapsed or exploding variances, statistics never updated, dead channels and more:
+    each finding carries a stable rule id (BN001...) documented in docs/rules.md.
+    Exit status: 3 if any input could not be read, else 1 if a finding reached --fail-on, else 0.
     """
-    from bncli.audit import inspect_files
-    from bncli.cli import emit
+    from bncli.audit import expand_inputs, inspect_files
+    from bncli.cli import emit, warn
+    from bncli.config import load_config, resolve_inspect
     from bncli.render import renderer_for
 
-    report = inspect_files([checkpoint], layer=layer, state=state)
-    emit(renderer_for(fmt, "inspect")(report))
-    code = exit_code(report, fail_on)
+    config = load_config()
+    for message in config.warnings:
+        warn(message)
+    options = {
+        "format": fmt, "fail-on": fail_on, "select": select, "ignore": ignore, "require-bn": require_bn,
+        "eps": eps, "min-var": min_var, "max-var": max_var, "max-mean": max_mean, "dead-weight": dead_weight,
+    }  # fmt: skip
+    settings = resolve_inspect(options, config)
+    render = renderer_for(Format(settings.format), "inspect")  # before the audit: a bad format fails fast
+
+    report = inspect_files(
+        expand_inputs(checkpoints),
+        layer=layer,
+        state=state,
+        thresholds=settings.thresholds,
+        selected=settings.selected,
+        require_bn=settings.require_bn,
+    )
+    for file in report.unreadable:
+        _error_line(file.error or "")
+    emit(render(report))
+    code = exit_code(report, settings.fail_on)
     if code:
         raise typer.Exit(code)
+
+
+def _error_line(message: str) -> None:
+    """The same `error:` line the CLI prints for a fatal error, but the audit goes on with the other inputs."""
+    from rich.text import Text
+
+    from bncli.cli import stderr_console
+
+    line = Text("error: ", style="bold red")
+    line.append(message)
+    stderr_console().print(line)

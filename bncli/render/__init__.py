@@ -1,8 +1,10 @@
-"""Renderers: pure functions from a report to text (JSON) or a Rich renderable (tables); none imports torch."""
+"""Renderers: pure functions from a report to text (JSON, markdown, GitHub) or a Rich renderable (tables); none imports torch."""
 
 from __future__ import annotations
 
 import enum
+
+from bncli.errors import BncliError, ExitCode
 
 
 class Format(str, enum.Enum):
@@ -10,17 +12,31 @@ class Format(str, enum.Enum):
 
     TABLE = "table"
     JSON = "json"
+    MARKDOWN = "markdown"
+    GITHUB = "github"
+
+
+class UnsupportedFormat(BncliError):
+    """A --format that exists but that this command cannot produce."""
+
+    exit_code = ExitCode.USAGE
 
 
 def renderer_for(fmt: Format, command: str):
     """The render function for one command ('inspect' or 'normalize') and one format."""
+    from bncli.render import github, markdown, table
     from bncli.render import json as json_render
-    from bncli.render import table
 
     renderers = {
         ("inspect", Format.TABLE): table.inspect_table,
         ("inspect", Format.JSON): json_render.inspect_json,
+        ("inspect", Format.MARKDOWN): markdown.inspect_markdown,
+        ("inspect", Format.GITHUB): github.inspect_github,
         ("normalize", Format.TABLE): table.normalize_table,
         ("normalize", Format.JSON): json_render.normalize_json,
     }
+    fmt = Format(fmt)
+    if (command, fmt) not in renderers:
+        offered = ", ".join(f.value for f in Format if (command, f) in renderers)
+        raise UnsupportedFormat(f"--format {fmt.value} is not available for `bncli {command}`; use one of: {offered}")
     return renderers[(command, fmt)]

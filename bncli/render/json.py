@@ -55,6 +55,7 @@ def inspect_payload(report: InspectReport) -> dict[str, Any]:
                 "prefix": f.prefix,
                 "layers": layers,
                 "findings": [dataclasses.asdict(x) for x in f.findings],
+                "error": f.error,  # an extension of schema_version 1: null unless the file could not be read
             }
         )
     counts = {s.value: sum(1 for x in report.findings if x.severity is s) for s in Severity}
@@ -63,6 +64,7 @@ def inspect_payload(report: InspectReport) -> dict[str, Any]:
         "layers": sum(len(f.layers) for f in report.files),
         "channels": sum(layer.num_features for f in report.files for layer in f.layers),
         "findings": counts,
+        "unreadable": len(report.unreadable),
     }
     return {"schema_version": SCHEMA_VERSION, "files": files, "summary": summary}
 

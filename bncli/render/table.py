@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import math
-
-from rich.console import Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from bncli.render.common import fmt, summary_line
+from bncli.render.spark import var_spark, weight_spark
 from bncli.report import FileReport, InspectReport, NormalizeReport, Severity
 
 STYLES = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
-
-
-def fmt(value: float | int | None) -> str:
-    """Four significant digits; '-' for a missing value, 'nan'/'inf' spelled out."""
-    if value is None:
-        return "-"
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.4g}"
 
 
 def inspect_table(report: InspectReport) -> RenderableType:
@@ -34,59 +22,83 @@ def inspect_table(report: InspectReport) -> RenderableType:
     return Group(*parts)
 
 
-def summary_line(report: InspectReport) -> str:
-    layers = sum(len(f.layers) for f in report.files)
-    channels = sum(layer.num_features for f in report.files for layer in f.layers)
-    counts = [(s, sum(1 for x in report.findings if x.severity is s)) for s in (Severity.ERROR, Severity.WARNING, Severity.INFO)]
-    found = ", ".join(f"{n} {s.value}{'s' if n != 1 and s is not Severity.INFO else ''}" for s, n in counts)
-    return f"{layers} BatchNorm layer{'s' if layers != 1 else ''}, {channels} channels; findings: {found}"
-
-
 def _file_parts(file: FileReport) -> list[RenderableType]:
-    how = [file.format]
+    if file.error is not None:
+        return [Text(f"unreadable: {file.error}", style="bold red")]
+    how = [file.format or ""]
     if file.container:
         how.append(f"state dict under {file.container!r}")
     if file.prefix:
         how.append(f"prefix {file.prefix!r} stripped")
     title = Text(f"{file.path} ({', '.join(how)})", style="bold")
-    if not file.layers:
-        return [title, Text("no BatchNorm layers (no key prefix has both running_mean and running_var)")]
-    single = file.layers[0].channels is not None
-    table = _channel_table(file) if single else _layer_table(file)
-    parts: list[RenderableType] = [title, table]
+    parts: list[RenderableType] = [title]
+    if file.layers:
+        single = file.layers[0].channels is not None
+        parts.append(_channel_table(file) if single else _FitWidth(file))
+    elif not file.findings:
+        parts.append(Text("no BatchNorm layers (no key prefix has both running_mean and running_var)"))
     for f in file.findings:
         line = Text()
         line.append(f"{f.severity.value:<8}", style=STYLES[f.severity])
         line.append(f"{f.rule} {f.name} ")
-        line.append(f.layer or "", style="bold")
-        line.append(f": {f.message}")
+        if f.layer is not None:
+            line.append(f.layer, style="bold")
+            line.append(": ")
+        line.append(f.message)
         parts.append(line)
     return parts
 
 
-def _layer_table(file: FileReport) -> Table:
-    ids = {f.name: f.rule for f in file.findings}
+class _FitWidth:
+    """The layer table in the most detailed variant that fits the console: wide sparklines, narrow ones, none,
+    and last without the running_mean columns, so a narrow terminal loses detail instead of squeezing every cell."""
+
+    LEVELS = ((16, True), (8, True), (8, False), (0, True), (0, False))  # (sparkline width, show the mean columns)
+    FLAGS = 16  # room kept for the flags column, which folds: its natural width does not count
+
+    def __init__(self, file: FileReport) -> None:
+        self.file = file
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        unbounded = options.update(max_width=10**6)  # Measurement.get clamps to max_width: measure without it
+        for spark, means in self.LEVELS:
+            needed = Measurement.get(console, unbounded, _layer_table(self.file, spark, means, flags=False)).maximum
+            if needed + self.FLAGS <= options.max_width:
+                break
+        yield _layer_table(self.file, spark, means)
+
+
+def _layer_table(file: FileReport, spark: int = 16, means: bool = True, flags: bool = True) -> Table:
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
-    table.add_column("layer", no_wrap=True)  # names are what users grep for: never broken
-    for header in ("C", "batches", "mean\nmin", "mean\nmean", "mean\nmax", "var\nmin", "var\nmedian", "var\nmax", "min\n|weight|"):
+    table.add_column("layer", overflow="fold")
+    headers = ("C", "batches", *(("mean\nmin", "mean\nmean", "mean\nmax") if means else ()), "var\nmin", "var\nmedian",
+               "var\nmax", "min\n|weight|")
+    for header in headers:
         table.add_column(header, justify="right", no_wrap=True)
-    table.add_column("flags")  # rule ids here, to stay narrow; the findings below spell them out
+    if spark:
+        # Per-channel shape at a glance: one block per channel (or per bucket, showing its most extreme channel).
+        table.add_column("log10 var\nper channel", no_wrap=True)
+        table.add_column("|weight|\nper channel", no_wrap=True)
+    if flags:
+        table.add_column("flags", overflow="fold")
     for layer in file.layers:
         m, v = layer.running_mean, layer.running_var
-        table.add_row(
-            layer.name,
-            str(layer.num_features),
-            fmt(layer.num_batches_tracked),
-            *(fmt(x) for x in (m.min, m.center, m.max, v.min, v.center, v.max, layer.weight_abs_min)),
-            Text(" ".join(ids.get(name, name) for name in layer.flags), style="red" if layer.flags else ""),
-        )
+        cells = [layer.name, str(layer.num_features), fmt(layer.num_batches_tracked)]
+        cells += [fmt(x) for x in ((m.min, m.center, m.max) if means else ())]
+        cells += [fmt(x) for x in (v.min, v.center, v.max, layer.weight_abs_min)]
+        if spark:
+            cells += [var_spark(layer.running_var_values, spark), weight_spark(layer.weight_abs_values, spark)]
+        if flags:
+            cells.append(Text(", ".join(layer.flags), style="red" if layer.flags else ""))
+        table.add_row(*cells)
     return table
 
 
 def _channel_table(file: FileReport) -> Table:
     layer = file.layers[0]
+    count = fmt(layer.num_batches_tracked)
     table = Table(
-        title=f"layer {layer.name}: {layer.num_features} channels, {layer.dtype}, num_batches_tracked={fmt(layer.num_batches_tracked)}",
+        title=f"layer {layer.name}: {layer.num_features} channels, {layer.dtype}, num_batches_tracked={count}",
         title_justify="left",
         show_edge=False,
         pad_edge=False,

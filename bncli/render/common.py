@@ -1,0 +1,36 @@
+"""Plain-text helpers shared by the renderers (no Rich, no numpy): number formatting and the summary line."""
+
+from __future__ import annotations
+
+import math
+
+from bncli.report import InspectReport, Severity
+
+
+def fmt(value: float | int | None) -> str:
+    """Four significant digits; '-' for a missing value, 'nan'/'inf' spelled out."""
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.4g}"
+
+
+def summary_line(report: InspectReport) -> str:
+    layers = sum(len(f.layers) for f in report.files)
+    channels = sum(layer.num_features for f in report.files for layer in f.layers)
+    line = f"{layers} BatchNorm layer{'s' if layers != 1 else ''}, {channels} channels; findings: {finding_counts(report)}"
+    if len(report.files) > 1 or report.unreadable:
+        bad = len(report.unreadable)
+        line = f"{len(report.files)} file{'s' if len(report.files) != 1 else ''} ({bad} unreadable), " + line
+    return line
+
+
+def finding_counts(report: InspectReport) -> str:
+    """'3 errors, 1 warning, 2 info'."""
+    counts = [(s, sum(1 for x in report.findings if x.severity is s)) for s in (Severity.ERROR, Severity.WARNING, Severity.INFO)]
+    return ", ".join(f"{n} {s.value}{'s' if n != 1 and s is not Severity.INFO else ''}" for s, n in counts)

@@ -1,0 +1,293 @@
+"""Every rule: a case that triggers it and one just on the safe side of its threshold."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from bncli.layers import BNLayer
+from bncli.report import Severity
+from bncli.rules import (
+    RULES,
+    RuleSelectionError,
+    Thresholds,
+    rule_by_key,
+    run_file_rules,
+    run_rules,
+    select_rules,
+)
+
+
+def layer(mean=None, var=None, weight="default", bias="default", nbt=100, dtype="float32", name="bn") -> BNLayer:
+    """A healthy 4-channel layer unless told otherwise."""
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    mean = np.array([0.1, -0.2, 0.3, 0.05] if mean is None else mean, dtype=np_dtype)
+    var = np.array([0.5, 1.5, 2.0, 0.9] if var is None else var, dtype=np_dtype)
+    weight = np.array([0.9, 1.1, 0.7, 1.3], dtype=np_dtype) if weight == "default" else weight
+    bias = np.array([0.01, -0.02, 0.0, 0.1], dtype=np_dtype) if bias == "default" else bias
+    if weight is not None:
+        weight = np.asarray(weight, dtype=np_dtype)
+    if bias is not None:
+        bias = np.asarray(bias, dtype=np_dtype)
+    return BNLayer(name, mean, var, weight, bias, nbt, dtype)
+
+
+def hits(bn: BNLayer, rule_id: str, t: Thresholds = Thresholds()) -> list:
+    return [f for f in run_rules(bn, t) if f.rule == rule_id]
+
+
+def test_the_catalogue_is_stable():
+    """Ids, names and severities are a public interface (CI configs name them): changing one is a breaking change."""
+    assert [(r.id, r.name, r.severity.value) for r in sorted(RULES, key=lambda r: r.id)] == [
+        ("BN001", "non-finite", "error"),
+        ("BN002", "negative-variance", "error"),
+        ("BN003", "never-updated", "error"),
+        ("BN004", "collapsed-variance", "warning"),
+        ("BN005", "dead-channel", "info"),
+        ("BN006", "shape-mismatch", "error"),
+        ("BN007", "converted-statistics", "info"),
+        ("BN008", "exploding-statistics", "warning"),
+        ("BN009", "low-precision-statistics", "warning"),
+        ("BN010", "untrained-affine", "info"),
+        ("BN011", "no-batchnorm", "info"),
+    ]
+
+
+def test_a_healthy_layer_has_no_finding():
+    assert run_rules(layer()) == []
+
+
+# --------------------------------------------------------------------------- BN006 shape-mismatch
+
+
+def test_shape_mismatch_triggers_and_skips_the_per_channel_rules():
+    bn = layer(var=[np.nan, 1.0, 1.0, 1.0], weight=[1.0, 1.0, 1.0])
+    found = run_rules(bn)
+    assert [(f.rule, f.message) for f in found] == [
+        ("BN006", "lengths differ: running_mean 4, running_var 4, weight 3, bias 4")
+    ]
+
+
+def test_shape_mismatch_ignored_still_skips_the_other_rules():
+    bn = layer(var=[np.nan, 1.0, 1.0, 1.0], weight=[1.0, 1.0, 1.0])
+    assert run_rules(bn, selected=select_rules(ignore=["BN006"])) == []
+
+
+def test_equal_lengths_and_affine_false_are_fine():
+    assert hits(layer(weight=None, bias=None), "BN006") == []
+
+
+def test_zero_channels_is_a_shape_finding():
+    bn = layer(mean=[], var=[], weight=[], bias=[])
+    assert [f.message for f in hits(bn, "BN006")] == ["the layer has 0 channels"]
+
+
+# --------------------------------------------------------------------------- BN001 non-finite
+
+
+def test_non_finite_names_field_kind_and_channels():
+    bn = layer(mean=[0.0, np.nan, 0.1, 0.2], bias=[0.0, 0.0, np.inf, -np.inf])
+    assert [(f.channels, f.message) for f in hits(bn, "BN001")] == [
+        ((1,), "running_mean is NaN in channel(s) 1"),
+        ((2, 3), "bias is Inf in channel(s) 2, 3"),
+    ]
+
+
+def test_largest_finite_float32_is_not_non_finite():
+    big = float(np.finfo(np.float32).max)
+    assert hits(layer(weight=[big, 1.0, 1.0, 1.0]), "BN001") == []
+
+
+# --------------------------------------------------------------------------- BN002 negative-variance
+
+
+def test_negative_variance_triggers_on_the_smallest_negative():
+    found = hits(layer(var=[1.0, -1e-30, 1.0, 1.0]), "BN002")
+    assert [(f.channels, f.severity) for f in found] == [((1,), Severity.ERROR)]
+
+
+def test_zero_and_negative_zero_variance_are_not_negative():
+    assert hits(layer(var=[0.0, -0.0, 1.0, 1.0]), "BN002") == []
+
+
+# --------------------------------------------------------------------------- BN003 never-updated
+
+
+def test_never_updated_triggers_on_exact_defaults():
+    found = hits(layer(mean=[0, 0, 0, 0], var=[1, 1, 1, 1]), "BN003")
+    assert len(found) == 1 and found[0].channels == ()
+
+
+def test_one_channel_off_the_defaults_is_updated():
+    assert hits(layer(mean=[0, 0, 0, 1e-12], var=[1, 1, 1, 1]), "BN003") == []
+    assert hits(layer(mean=[0, 0, 0, 0], var=[1, 1, 1, np.float32(1.0000001)]), "BN003") == []
+
+
+# --------------------------------------------------------------------------- BN004 collapsed-variance
+
+
+def test_collapsed_variance_reports_the_resulting_scale():
+    found = hits(layer(var=[1.0, 1e-8, 5e-6, 1.0]), "BN004")
+    assert len(found) == 1 and found[0].channels == (1, 2) and found[0].severity is Severity.WARNING
+    var = float(np.float32(1e-8))
+    expected = 1.0 / math.sqrt(var + 1e-5)  # float64 reference: 316.07...
+    assert f"reaches {expected:.4g} (channel 1, eps=1e-05)" in found[0].message
+    assert found[0].message.startswith("running_var below 1e-05 in channel(s) 1, 2: the normalization scale 1/sqrt(")
+
+
+def test_variance_at_eps_is_not_collapsed():
+    eps32 = float(np.float32(1e-5))  # the float32 value just at the threshold, stored exactly
+    assert hits(layer(var=[1.0, eps32, 1.0, 1.0]), "BN004", Thresholds(eps=eps32)) == []
+    assert len(hits(layer(var=[1.0, float(np.nextafter(np.float32(eps32), 0)), 1.0, 1.0]), "BN004", Thresholds(eps=eps32))) == 1
+
+
+def test_min_var_moves_the_threshold_but_eps_stays_in_the_scale():
+    t = Thresholds(eps=1e-5, min_var=1e-3)
+    found = hits(layer(var=[1.0, 5e-4, 1.0, 1.0]), "BN004", t)
+    expected = 1.0 / math.sqrt(float(np.float32(5e-4)) + 1e-5)
+    assert f"reaches {expected:.4g}" in found[0].message and "below 0.001" in found[0].message
+    assert hits(layer(var=[1.0, 1e-3 * 1.001, 1.0, 1.0]), "BN004", t) == []
+
+
+# --------------------------------------------------------------------------- BN005 dead-channel
+
+
+def test_dead_channels_count_and_sign():
+    found = hits(layer(weight=[0.99e-3, -1e-4, 1.0, 1.0]), "BN005")
+    assert [(f.channels, f.severity, f.message) for f in found] == [
+        ((0, 1), Severity.INFO, "|weight| below 0.001 in 2 channel(s) (0, 1): they output a constant")
+    ]
+
+
+def test_weight_at_the_threshold_is_alive():
+    assert hits(layer(weight=[1e-3, -1.01e-3, 1.0, 1.0]), "BN005", Thresholds(dead_weight=float(np.float32(1e-3)))) == []
+
+
+# --------------------------------------------------------------------------- BN007 converted-statistics
+
+
+def test_zero_batches_with_trained_statistics_is_a_conversion_note():
+    found = hits(layer(nbt=0), "BN007")
+    assert len(found) == 1 and found[0].severity is Severity.INFO and "converted from another framework" in found[0].message
+
+
+def test_one_batch_or_no_counter_is_not_a_conversion():
+    assert hits(layer(nbt=1), "BN007") == []
+    assert hits(layer(nbt=None), "BN007") == []
+
+
+def test_zero_batches_with_default_statistics_is_only_never_updated():
+    found = run_rules(layer(mean=[0, 0, 0, 0], var=[1, 1, 1, 1], nbt=0))
+    assert [f.rule for f in found] == ["BN003"]
+
+
+# --------------------------------------------------------------------------- BN008 exploding-statistics
+
+
+def test_exploding_variance_and_mean():
+    found = hits(layer(mean=[0.0, -100.5, 0.0, 0.0], var=[1.0, 1.0, 10001.0, 1.0]), "BN008")
+    assert [(f.channels, f.message) for f in found] == [
+        ((2,), "running_var above 10000 in channel(s) 2 (max 1e+04)"),
+        ((1,), "|running_mean| above 100 in channel(s) 1 (max 100.5)"),
+    ]
+
+
+def test_statistics_at_the_limits_are_not_exploding():
+    assert hits(layer(mean=[100.0, -100.0, 0.0, 0.0], var=[1.0, 1.0, 1e4, 1.0]), "BN008") == []
+
+
+def test_exploding_thresholds_are_tunable():
+    t = Thresholds(max_var=1e6, max_mean=1e3)
+    assert hits(layer(mean=[500.0, 0, 0, 0], var=[1.0, 1.0, 1e5, 1.0]), "BN008", t) == []
+    assert len(hits(layer(mean=[500.0, 0, 0, 0], var=[1.0, 1.0, 1e5, 1.0]), "BN008", Thresholds(max_var=1e4, max_mean=499))) == 2
+
+
+def test_inf_is_non_finite_not_exploding():
+    assert hits(layer(var=[1.0, np.inf, 1.0, 1.0]), "BN008") == []
+
+
+# --------------------------------------------------------------------------- BN009 low-precision-statistics
+
+
+def test_float16_subnormal_variance():
+    tiny = 2.0**-14  # float16's smallest normal, 6.1035e-05
+    found = hits(layer(var=[1.0, tiny / 2, 1.0, 1.0], dtype="float16"), "BN009", Thresholds(min_var=0))
+    assert [f.channels for f in found] == [(1,)]
+    assert "stored as float16 and is below its smallest normal number 6.104e-05" in found[0].message
+    assert np.finfo(np.float16).smallest_normal == tiny  # the constant agrees with numpy
+
+
+def test_float16_smallest_normal_and_zero_are_fine():
+    tiny = 2.0**-14
+    assert hits(layer(var=[1.0, tiny, 1.0, 0.0], mean=[0.0, -tiny, 0.0, 0.0], dtype="float16"), "BN009") == []
+
+
+def test_bfloat16_subnormal_mean():
+    bn = layer(mean=[0.0, 1e-39, 0.0, 0.0], dtype="bfloat16")  # bfloat16 shares float32's exponent range
+    assert [f.channels for f in hits(bn, "BN009")] == [(1,)]
+    assert hits(layer(mean=[0.0, 2.0**-126, 0.0, 0.0], dtype="bfloat16"), "BN009") == []
+
+
+def test_float32_subnormals_are_not_low_precision():
+    assert hits(layer(mean=[0.0, 1e-40, 0.0, 0.0]), "BN009") == []
+
+
+# --------------------------------------------------------------------------- BN010 untrained-affine
+
+
+def test_untrained_affine():
+    found = hits(layer(weight=[1, 1, 1, 1], bias=[0, 0, 0, 0]), "BN010")
+    assert len(found) == 1 and found[0].severity is Severity.INFO
+
+
+def test_almost_initial_affine_is_trained():
+    assert hits(layer(weight=[1, 1, 1, np.float32(1.0000001)], bias=[0, 0, 0, 0]), "BN010") == []
+    assert hits(layer(weight=[1, 1, 1, 1], bias=[0, 0, 0, 1e-7]), "BN010") == []
+
+
+def test_untrained_affine_needs_trained_statistics_and_affine():
+    assert hits(layer(mean=[0, 0, 0, 0], var=[1, 1, 1, 1], weight=[1, 1, 1, 1], bias=[0, 0, 0, 0]), "BN010") == []
+    assert hits(layer(weight=None, bias=None), "BN010") == []
+
+
+# --------------------------------------------------------------------------- BN011 no-batchnorm
+
+
+def test_no_batchnorm_is_info_or_error_with_require_bn():
+    assert [(f.rule, f.severity, f.layer) for f in run_file_rules([])] == [("BN011", Severity.INFO, None)]
+    assert [f.severity for f in run_file_rules([], require_bn=True)] == [Severity.ERROR]
+
+
+def test_a_file_with_one_layer_has_batchnorm():
+    assert run_file_rules([layer()], require_bn=True) == []
+
+
+def test_ignored_no_batchnorm_stays_silent_even_with_require_bn():
+    assert run_file_rules([], selected=select_rules(ignore=["no-batchnorm"]), require_bn=True) == []
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def test_select_and_ignore_accept_ids_names_case_and_commas():
+    assert select_rules(["bn001,dead-channel"], None) == {"BN001", "BN005"}
+    assert select_rules(["BN001", "BN005"], ["dead-channel"]) == {"BN001"}
+    assert select_rules(None, ["BN011"]) == {r.id for r in RULES} - {"BN011"}
+    assert select_rules([], []) == {r.id for r in RULES}
+
+
+def test_unknown_rule_suggests_the_nearest():
+    with pytest.raises(RuleSelectionError) as info:
+        rule_by_key("dead-chanel")
+    assert info.value.message == "unknown rule 'dead-chanel'; did you mean dead-channel?"
+    with pytest.raises(RuleSelectionError) as info:
+        rule_by_key("zzz")
+    assert info.value.message.startswith("unknown rule 'zzz'; known rules: BN006, BN001")
+
+
+def test_selected_rules_only_are_reported():
+    bn = layer(var=[1.0, 1e-8, -1.0, 1.0], weight=[0.0, 1.0, 1.0, 1.0])
+    assert {f.rule for f in run_rules(bn)} == {"BN002", "BN004", "BN005"}
+    assert {f.rule for f in run_rules(bn, selected=select_rules(["BN004"]))} == {"BN004"}
