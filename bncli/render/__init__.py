@@ -10,17 +10,24 @@ class Format(str, enum.Enum):
 
     TABLE = "table"
     JSON = "json"
+    MARKDOWN = "markdown"
 
 
 def renderer_for(fmt: Format, command: str):
     """The render function for one command ('inspect' or 'normalize') and one format."""
+    from bncli.render import diff, table
     from bncli.render import json as json_render
-    from bncli.render import table
 
     renderers = {
         ("inspect", Format.TABLE): table.inspect_table,
         ("inspect", Format.JSON): json_render.inspect_json,
         ("normalize", Format.TABLE): table.normalize_table,
         ("normalize", Format.JSON): json_render.normalize_json,
+        ("diff", Format.TABLE): diff.diff_table,
+        ("diff", Format.JSON): diff.diff_json,
+        ("diff", Format.MARKDOWN): diff.diff_markdown,
+        ("recalibrate", Format.TABLE): diff.recalibrate_table,
+        ("recalibrate", Format.JSON): diff.recalibrate_json,
+        ("recalibrate", Format.MARKDOWN): diff.recalibrate_markdown,
     }
     return renderers[(command, fmt)]
