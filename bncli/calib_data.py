@@ -91,28 +91,16 @@ def plan(sources: list[Source], batch_size: int, num_samples: int | None) -> lis
 
 
 class Reader:
-    """Reads batches; keeps open only the files of the batch at hand, so memory stays flat."""
+    """Reads batches, opening each file afresh for every piece: no mapping outlives a batch, so memory stays flat."""
 
     def __init__(self, sources: list[Source]) -> None:
         self.sources = sources
-        self._open: dict[int, Any] = {}
 
     def read(self, batch: Batch):
         import torch
 
-        wanted = {i for i, _, _ in batch}
-        for i in list(self._open):
-            if i not in wanted:
-                del self._open[i]
-        parts = []
-        for i, start, end in batch:
-            if i not in self._open:
-                self._open[i] = _array(self.sources[i])
-            parts.append(_slice(self._open[i], start, end))
+        parts = [_slice(_array(self.sources[i]), start, end) for i, start, end in batch]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def close(self) -> None:
-        self._open.clear()
 
 
 def tensor_like_shape(obj: Any) -> tuple[int, ...]:
@@ -127,8 +115,8 @@ def _slice(obj: Any, start: int, end: int):
 
     part = obj[start:end]
     if isinstance(part, np.ndarray):
-        return torch.from_numpy(np.array(part))  # a copy: memmap slices are read-only
-    return part.contiguous()
+        return torch.from_numpy(np.array(part))  # a copy, in memory: the memmap is closed after the batch
+    return part.clone(memory_format=torch.contiguous_format)
 
 
 def _array(source: Source) -> Any:
@@ -200,8 +188,5 @@ def _open_tensor(path: Path, key: str | None) -> tuple[Any, str, str | None, str
 
 def iterate(sources: list[Source], batches: list[Batch]) -> Iterator[Any]:
     reader = Reader(sources)
-    try:
-        for batch in batches:
-            yield reader.read(batch)
-    finally:
-        reader.close()
+    for batch in batches:
+        yield reader.read(batch)

@@ -62,10 +62,12 @@ def batch_moments(x: torch.Tensor) -> Moments:
     """Moments of one BatchNorm input (N, C, *) over every dimension but C, computed in float64."""
     import torch
 
-    channels = x.shape[1]
-    flat = x.detach().to(torch.float64).transpose(0, 1).reshape(channels, -1)
-    mean = flat.mean(dim=1)
-    return Moments(flat.shape[1], mean, ((flat - mean[:, None]) ** 2).sum(dim=1))
+    dims = [0, *range(2, x.dim())]
+    x64 = x.detach().to(torch.float64)
+    mean = x64.mean(dim=dims)
+    # Two passes over the batch (mean, then squared deviations): no cancellation, and no transposed copy.
+    m2 = ((x64 - mean.view(1, -1, *[1] * (x.dim() - 2))) ** 2).sum(dim=dims)
+    return Moments(x.numel() // x.shape[1], mean, m2)
 
 
 def batchnorm_modules(model) -> list[tuple[str, Any]]:
@@ -181,26 +183,27 @@ def build_model(spec: str, kwargs: dict[str, Any] | None = None):
 
 
 def load_into(model, ckpt, spec: str) -> None:
-    """Strict load of the (prefix-stripped) checkpoint into the model; mismatches name the keys."""
+    """Strict load of the (prefix-stripped) checkpoint into the model; mismatches name the keys.
+
+    torch's own non-strict load does the matching, so its compatibility rules still apply (an old checkpoint
+    without num_batches_tracked loads), and any key it reports missing or unexpected is refused here.
+    """
     import torch
 
     state = {k: (v if isinstance(v, torch.Tensor) else torch.as_tensor(ckpt.read(k))) for k, v in ckpt.items()}
-    expected = list(model.state_dict())
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in set(expected)]
     path = ckpt.provenance.path
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_some(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_some(unexpected)}")
-        raise InputError(f"{path}: does not fit --model {spec}: {'; '.join(parts)}")
     try:
-        model.load_state_dict(state, strict=True)
+        result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
         raise InputError(f"{path}: does not fit --model {spec}: {' '.join(lines) or str(exc).strip()}") from None
+    parts = []
+    if result.missing_keys:
+        parts.append(f"missing keys: {_some(result.missing_keys)}")
+    if result.unexpected_keys:
+        parts.append(f"unexpected keys: {_some(result.unexpected_keys)}")
+    if parts:
+        raise InputError(f"{path}: does not fit --model {spec}: {'; '.join(parts)}")
 
 
 def _some(keys: list[str]) -> str:

@@ -308,3 +308,16 @@ def test_two_gloo_processes_equal_one(tmp_path):
         else:
             assert torch.equal(two[k], one[k]), k
     assert copy.copy(two["module.body.1.num_batches_tracked"]).item() == 107
+
+
+def test_checkpoint_without_num_batches_tracked_loads(cli, tmp_path):
+    sd = models_for_tests.pointwise().state_dict()
+    del sd["1.num_batches_tracked"]  # as saved by torch < 0.4.1; torch's loader accepts it
+    torch.save(sd, tmp_path / "old.pt")
+    torch.save(drifting_data(n=10), tmp_path / "x.pt")
+    result = cli("recalibrate", tmp_path / "old.pt", "-m", "models_for_tests:pointwise", "-d", tmp_path / "x.pt",
+                 "-o", tmp_path / "o.pt")
+    assert result.exit_code == 0, result
+    saved = torch.load(tmp_path / "o.pt", weights_only=True)
+    assert "1.num_batches_tracked" not in saved
+    assert torch.allclose(saved["1.running_var"].double(), closed_form(drifting_data(n=10))[1], rtol=1e-6)
