@@ -107,6 +107,11 @@ def population_moments(
 
     was_training = {m: m.training for m in model.modules()}
     handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in layers]
+    # SyncBatchNorm would all-reduce batch statistics across ranks in train mode: other semantics than one
+    # process, and a hang when ranks run different numbers of batches. Normalize each batch locally instead.
+    synced = [m for _, m in layers if isinstance(m, torch.nn.SyncBatchNorm)]
+    for m in synced:
+        m.forward = _local_batch_norm(m)
     model.eval()
     for _, m in layers:
         m.train()
@@ -122,11 +127,22 @@ def population_moments(
     finally:
         for h in handles:
             h.remove()
+        for m in synced:
+            del m.forward
         for m, training in was_training.items():
             m.training = training
     empty = {name: Moments(0, torch.zeros(m.num_features, dtype=torch.float64, device=device),
                            torch.zeros(m.num_features, dtype=torch.float64, device=device)) for name, m in layers}
     return {name: moments[name] or empty[name] for name, _ in layers}, count
+
+
+def _local_batch_norm(module):
+    import torch.nn.functional as F
+
+    def forward(x):
+        return F.batch_norm(x, None, None, module.weight, module.bias, True, 0.0, module.eps)
+
+    return forward
 
 
 def forward(model, x) -> None:

@@ -321,3 +321,14 @@ def test_checkpoint_without_num_batches_tracked_loads(cli, tmp_path):
     saved = torch.load(tmp_path / "o.pt", weights_only=True)
     assert "1.num_batches_tracked" not in saved
     assert torch.allclose(saved["1.running_var"].double(), closed_form(drifting_data(n=10))[1], rtol=1e-6)
+
+
+def test_sync_batchnorm_is_normalized_locally():
+    x = drifting_data(n=12)
+    plain = models_for_tests.pointwise()
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(models_for_tests.pointwise())
+    assert isinstance(synced[1], torch.nn.SyncBatchNorm)
+    a, _ = population_moments(plain, torch.split(x, 5))
+    b, _ = population_moments(synced, torch.split(x, 5))
+    assert torch.equal(a["1"].mean, b["1"].mean) and torch.equal(a["1"].m2, b["1"].m2)
+    assert "forward" not in vars(synced[1])  # the class's forward is back

@@ -54,7 +54,7 @@ def run(
             "--model",
             "-m",
             callback=check_model,
-            help="MODULE:FACTORY: a callable returning the nn.Module (the current directory is importable).",
+            help="The architecture, as MODULE:FACTORY, a callable returning the nn.Module (the current directory is importable).",
             show_default=False,
         ),
     ],

@@ -14,8 +14,8 @@ from bncli.render.json import SCHEMA_VERSION, _dump
 from bncli.render.table import fmt
 
 VERDICT_STYLES = {IDENTICAL: "green", CHANGED: "yellow", SHAPE_CHANGED: "bold red"}
-LAYER_HEADERS = ("layer", "C", "verdict", "max mean shift", "var ratio min", "var ratio max", "mean sym KL", "Δ batches",
-                 "max |Δweight|", "max |Δbias|")
+LAYER_HEADERS = ("layer", "C", "verdict", "max mean\nshift", "var ratio\nmin", "var ratio\nmax", "mean\nsym KL", "Δ\nbatches",
+                 "max\n|Δweight|", "max\n|Δbias|")
 CHANNEL_HEADERS = ("ch", "mean A", "mean B", "mean shift", "var A", "var B", "var ratio", "sym KL", "Δweight", "Δbias", "changed")
 
 
@@ -129,7 +129,7 @@ def _md_row(cells: list[str]) -> str:
 
 def _md_table(headers: tuple[str, ...], rows: list[list[str]], left: tuple[int, ...]) -> list[str]:
     align = ["---" if i in left else "---:" for i in range(len(headers))]
-    return [_md_row(list(headers)), "|" + "|".join(align) + "|", *(_md_row(r) for r in rows)]
+    return [_md_row([h.replace("\n", " ") for h in headers]), "|" + "|".join(align) + "|", *(_md_row(r) for r in rows)]
 
 
 def diff_markdown(report: DiffReport) -> str:
