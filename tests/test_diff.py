@@ -146,3 +146,19 @@ def test_missing_file(cli, tmp_path):
     result = cli("diff", SAMPLES / "model.pt", tmp_path / "nope.pt")
     assert result.exit_code == 3
     assert result.stderr.strip() == f"error: {tmp_path / 'nope.pt'}: no such file"
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom bncli.cli import app\n"
+        "for cmd in ('diff', 'recalibrate'):\n    assert CliRunner().invoke(app, [cmd, '--help']).exit_code == 0\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'safetensors') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

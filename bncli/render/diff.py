@@ -154,8 +154,9 @@ def recalibrate_lines(report) -> list[str]:
     if report.samples != report.available:
         used = f"{report.samples} of {report.available} samples"
     lines = [
-        f"recalibrated {report.checkpoint} with --model {report.model} on {used} in {report.batches} "
-        f"batch{'es' if report.batches != 1 else ''} of up to {report.batch_size} ({report.device}{ranks}); wrote {report.output}"
+        f"recalibrated {report.checkpoint} with --model {report.model}",
+        f"on {used} in {report.batches} batch{'es' if report.batches != 1 else ''} of up to {report.batch_size} "
+        f"({report.device}{ranks}); wrote {report.output}",
     ]
     if report.unused:
         lines.append(f"left unchanged (no input reached them): {', '.join(report.unused)}")
