@@ -139,7 +139,8 @@ class _Sliceable:
 
 def _open_tensor(path: Path, key: str | None) -> tuple[Any, str, str | None, str]:
     """The file's tensor as something sliceable without reading it all (numpy memmap, safetensors slice,
-    mmapped torch tensor), plus its format, the key used and its dtype name."""
+    mmapped torch tensor), plus its format, the key used and its dtype name. `key` names the tensor in files
+    of named tensors; unnamed ones (.npy, a bare torch tensor) ignore it, so mixed --data lists work."""
     from bncli.loading import SAFETENSORS_DTYPES, _choose_key, _first_line, _torch_load, sniff
 
     fmt = sniff(path)
@@ -150,8 +151,6 @@ def _open_tensor(path: Path, key: str | None) -> tuple[Any, str, str | None, str
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except ValueError as exc:
             raise InputError(f"{path}: unreadable .npy file ({_first_line(exc)})") from None
-        if key is not None:
-            raise InputError(f"{path}: a .npy file holds a single array; drop --key {key}")
         return array, fmt, None, str(array.dtype)
     if fmt == "safetensors":
         try:
@@ -171,9 +170,7 @@ def _open_tensor(path: Path, key: str | None) -> tuple[Any, str, str | None, str
 
         obj = _torch_load(path, fmt)
         if isinstance(obj, torch.Tensor):
-            name = None
-            if key is not None:
-                raise InputError(f"{path}: holds a single tensor; drop --key {key}")
+            name = None  # an unnamed tensor: --key is for the files that hold several
         elif isinstance(obj, dict):
             tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
             if not tensors:

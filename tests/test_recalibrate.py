@@ -270,6 +270,18 @@ def test_sample_data_recalibrates(cli, tmp_path, monkeypatch):
     saved = torch.load(out, weights_only=True)
     assert saved["arch"] == "SmallCNN" and saved["state_dict"]["module.features.1.num_batches_tracked"].item() == 260
 
+    # The same 8 images from a safetensors file that also holds labels: --key picks the images.
+    again = cli("recalibrate", SAMPLES / "model.pt", "-m", "sample_data.smallcnn:small_cnn", "-d", SAMPLES / "inputs.safetensors",
+                "--key", "images", "-d", SAMPLES / "input.npy", "-b", "5", "-o", tmp_path / "again.pt")
+    assert again.exit_code == 0, again
+    resaved = torch.load(tmp_path / "again.pt", weights_only=True)["state_dict"]
+    for k, v in saved["state_dict"].items():
+        assert torch.equal(resaved[k], v), k
+    no_key = cli("recalibrate", SAMPLES / "model.pt", "-m", "sample_data.smallcnn:small_cnn",
+                 "-d", SAMPLES / "inputs.safetensors", "-o", tmp_path / "x.pt")
+    assert no_key.exit_code == 3
+    assert "holds 2 tensors; choose one with --key: images, labels" in no_key.stderr
+
 
 # --------------------------------------------------------------------------- distributed
 
