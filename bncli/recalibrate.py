@@ -320,6 +320,8 @@ def recalibrate(
         net.to(run_device)
         sources = calib_data.discover(data, key)
         batches = calib_data.plan(sources, batch_size, num_samples)
+        if not batches:
+            raise InputError(f"{', '.join(str(s.path) for s in sources)}: no samples to calibrate on (N = 0)")
         mine = batches[ctx.rank :: ctx.world_size]  # batch i goes to rank i mod K: every rank reads only its share
         local_samples = sum(end - start for b in mine for _, start, end in b)
         with _progress(progress and ctx.rank == 0, len(mine)) as advance:

@@ -245,6 +245,9 @@ def test_cli_data_errors(cli, tmp_path):
     r = cli(*base, "-d", tmp_path / "a.npy", "-d", tmp_path / "b.npy")
     assert r.exit_code == 3
     assert f"error: {tmp_path / 'b.npy'}: samples have shape (3, 6, 6), but {tmp_path / 'a.npy'} has (3, 5, 5)" in r.stderr
+    np.save(tmp_path / "empty.npy", np.zeros((0, 3, 5, 5), np.float32))
+    r = cli(*base, "-d", tmp_path / "empty.npy")
+    assert r.exit_code == 3 and r.stderr.strip() == f"error: {tmp_path / 'empty.npy'}: no samples to calibrate on (N = 0)"
     r = cli(*base, "-d", tmp_path / "missing.npy")
     assert r.exit_code == 3 and f"error: {tmp_path / 'missing.npy'}: no such file" in r.stderr
 
