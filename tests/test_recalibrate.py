@@ -248,6 +248,10 @@ def test_cli_data_errors(cli, tmp_path):
     np.save(tmp_path / "empty.npy", np.zeros((0, 3, 5, 5), np.float32))
     r = cli(*base, "-d", tmp_path / "empty.npy")
     assert r.exit_code == 3 and r.stderr.strip() == f"error: {tmp_path / 'empty.npy'}: no samples to calibrate on (N = 0)"
+    r = cli("recalibrate", tmp_path / "m.pt", "-m", "models_for_tests:pointwise", "-d", tmp_path / "a.npy",
+            "-o", tmp_path / "nodir" / "o.pt")
+    assert r.exit_code == 3
+    assert r.stderr.strip() == f"error: {tmp_path / 'nodir' / 'o.pt'}: cannot write: folder {tmp_path / 'nodir'} does not exist"
     r = cli(*base, "-d", tmp_path / "missing.npy")
     assert r.exit_code == 3 and f"error: {tmp_path / 'missing.npy'}: no such file" in r.stderr
 
