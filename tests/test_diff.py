@@ -162,3 +162,18 @@ def test_help_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_every_format_has_a_renderer(make_ckpt):
+    from bncli.render import Format, renderer_for
+    from bncli.render.diff import diff_github
+
+    a_sd, b_sd = perturbed()
+    report = diff_files(make_ckpt(a_sd, "a.pt"), make_ckpt(b_sd, "b.pt"))
+    for fmt in Format:
+        if fmt.value in ("table", "json", "markdown", "github"):
+            assert renderer_for(fmt, "diff")(report) is not None
+            assert renderer_for(fmt, "recalibrate") is not None
+    lines = diff_github(report).splitlines()
+    assert lines[0].startswith("::notice title=bncli diff::features.5: changed (2 of 4 channels; max mean shift ")
+    assert lines[-1] == "2 layers in both: 1 changed, 0 shape-changed, 1 identical; 0 only in A, 0 only in B"

@@ -188,3 +188,29 @@ def recalibrate_json(report) -> str:
 
 def recalibrate_markdown(report) -> str:
     return "\n\n".join([*recalibrate_lines(report), diff_markdown(report.diff)])
+
+
+def _escape(text: str) -> str:
+    """GitHub workflow-command escaping of a message."""
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def diff_github(report: DiffReport) -> str:
+    """GitHub Actions annotations: one ::notice per layer that differs, then the summary."""
+    lines = []
+    for layer in report.layers:
+        if layer.verdict == IDENTICAL:
+            continue
+        detail = f"{layer.num_features_a}→{layer.num_features_b} channels" if layer.verdict == SHAPE_CHANGED else (
+            f"{len(layer.changed_channels)} of {layer.num_features_a} channels; max mean shift {fmt(layer.max_shift)}, "
+            f"var ratio {fmt(layer.var_ratio_min)}..{fmt(layer.var_ratio_max)}, mean sym KL {fmt(layer.mean_kl)}"
+        )
+        lines.append(f"::notice title=bncli diff::{_escape(f'{layer.name}: {layer.verdict} ({detail})')}")
+    for label, names in (("only in A", report.only_a), ("only in B", report.only_b)):
+        lines.extend(f"::notice title=bncli diff::{_escape(f'{name}: {label}')}" for name in names)
+    lines.append(summary_line(report))
+    return "\n".join(lines)
+
+
+def recalibrate_github(report) -> str:
+    return "\n".join([*recalibrate_lines(report), diff_github(report.diff)])
