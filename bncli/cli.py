@@ -118,9 +118,9 @@ def main_options(
 
 def _register() -> None:
     """Each command lives in bncli/commands/; importing them is cheap (no torch) and registers them here."""
-    from bncli.commands import inspect, normalize
+    from bncli.commands import diff, inspect, normalize, recalibrate
 
-    for module in (inspect, normalize):
+    for module in (inspect, normalize, diff, recalibrate):
         app.command(**module.COMMAND)(guarded(module.run))
 
 

@@ -1,6 +1,7 @@
 """Rebuild every sample file in sample_data/ (deterministic, fixed seed): run `python sample_data/make_samples.py`."""
 
 import os
+import sys
 from collections import OrderedDict
 
 import numpy as np
@@ -9,9 +10,11 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # smallcnn.py beside this script holds the architecture, shared with `bncli recalibrate`
+
+from smallcnn import NUM_CLASSES, SmallCNN  # noqa: E402
 
 SEED = 0
-NUM_CLASSES = 4
 IMG_SIZE = 16
 TRAIN_SAMPLES = 1024
 BATCH_SIZE = 32
@@ -50,30 +53,6 @@ def make_data(n, generator):
     images = images + 0.4 * torch.randn(images.shape, generator=generator)
     images = images * CHANNEL_STD + CHANNEL_MEAN
     return images.float().contiguous(), labels.long()
-
-
-class SmallCNN(nn.Module):
-    def __init__(self, num_classes=NUM_CLASSES):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1, bias=False),   # 0
-            nn.BatchNorm2d(16),                           # 1
-            nn.ReLU(inplace=True),                        # 2
-            nn.MaxPool2d(2),                              # 3
-            nn.Conv2d(16, 32, 3, padding=1, bias=False),  # 4
-            nn.BatchNorm2d(32),                           # 5
-            nn.ReLU(inplace=True),                        # 6
-            nn.MaxPool2d(2),                              # 7
-            nn.Conv2d(32, 32, 3, padding=1, bias=False),  # 8
-            nn.BatchNorm2d(32),                           # 9
-            nn.ReLU(inplace=True),                        # 10
-            nn.AdaptiveAvgPool2d(1),                      # 11
-        )
-        self.flatten = nn.Flatten()
-        self.classifier = nn.Linear(32, num_classes)
-
-    def forward(self, x):
-        return self.classifier(self.flatten(self.features(x)))
 
 
 def build_model():

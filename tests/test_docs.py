@@ -52,8 +52,10 @@ def _cases():
 
 
 @pytest.mark.parametrize(("doc", "command", "expected"), list(_cases()))
-def test_doc_example(doc, command, expected, monkeypatch):
-    monkeypatch.chdir(ROOT)
+def test_doc_example(doc, command, expected, monkeypatch, tmp_path):
+    # Run where sample_data/ is reachable but nothing the example writes can land in the repository.
+    (tmp_path / "sample_data").symlink_to(ROOT / "sample_data")
+    monkeypatch.chdir(tmp_path)
     actual = _run(command)
     if os.environ.get("BNCLI_UPDATE_DOCS"):
         text = doc.read_text()

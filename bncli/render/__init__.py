@@ -23,8 +23,8 @@ class UnsupportedFormat(BncliError):
 
 
 def renderer_for(fmt: Format, command: str):
-    """The render function for one command ('inspect' or 'normalize') and one format."""
-    from bncli.render import github, markdown, table
+    """The render function for one command and one format."""
+    from bncli.render import diff, github, markdown, table
     from bncli.render import json as json_render
 
     renderers = {
@@ -34,6 +34,14 @@ def renderer_for(fmt: Format, command: str):
         ("inspect", Format.GITHUB): github.inspect_github,
         ("normalize", Format.TABLE): table.normalize_table,
         ("normalize", Format.JSON): json_render.normalize_json,
+        ("diff", Format.TABLE): diff.diff_table,
+        ("diff", Format.JSON): diff.diff_json,
+        ("diff", Format.MARKDOWN): diff.diff_markdown,
+        ("diff", Format.GITHUB): diff.diff_github,
+        ("recalibrate", Format.TABLE): diff.recalibrate_table,
+        ("recalibrate", Format.JSON): diff.recalibrate_json,
+        ("recalibrate", Format.MARKDOWN): diff.recalibrate_markdown,
+        ("recalibrate", Format.GITHUB): diff.recalibrate_github,
     }
     fmt = Format(fmt)
     if (command, fmt) not in renderers:

@@ -1,0 +1,257 @@
+"""The `diff` core: compare the BatchNorm layers of two checkpoints, layer by layer and channel by channel."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bncli.layers import BNLayer
+
+IDENTICAL = "identical"
+CHANGED = "changed"
+SHAPE_CHANGED = "shape-changed"
+
+
+@dataclass(frozen=True)
+class ChannelDiff:
+    """One channel in A and B; shift = |mean_B - mean_A| / sqrt(var_A + eps), kl = symmetric KL (Jeffreys)."""
+
+    index: int
+    mean_a: float
+    mean_b: float
+    var_a: float
+    var_b: float
+    shift: float
+    var_ratio: float  # var_B / var_A
+    kl: float
+    weight_change: float | None  # weight_B - weight_A; None when a side has no weight
+    bias_change: float | None
+    changed: bool
+
+
+@dataclass(frozen=True)
+class LayerDiff:
+    """One layer present in both files; the statistics are None for a shape-changed layer."""
+
+    name: str
+    verdict: str  # identical | changed | shape-changed
+    num_features_a: int
+    num_features_b: int
+    changed_channels: tuple[int, ...]
+    max_shift: float | None
+    var_ratio_min: float | None
+    var_ratio_max: float | None
+    mean_kl: float | None
+    batches_a: int | None
+    batches_b: int | None
+    weight_max_change: float | None  # max |weight_B - weight_A|
+    bias_max_change: float | None
+    channels: tuple[ChannelDiff, ...] | None = None  # filled only for --layer
+
+    @property
+    def batches_change(self) -> int | None:
+        if self.batches_a is None or self.batches_b is None:
+            return None
+        return self.batches_b - self.batches_a
+
+
+@dataclass(frozen=True)
+class DiffReport:
+    path_a: str
+    path_b: str
+    eps: float
+    layers: tuple[LayerDiff, ...]
+    only_a: tuple[str, ...]
+    only_b: tuple[str, ...]
+    prefix_a: str | None = None
+    prefix_b: str | None = None
+
+    @property
+    def changed(self) -> tuple[str, ...]:
+        """Names of the layers that differ in any way, including those present on one side only."""
+        return tuple(x.name for x in self.layers if x.verdict != IDENTICAL) + self.only_a + self.only_b
+
+    @property
+    def unchanged(self) -> tuple[str, ...]:
+        return tuple(x.name for x in self.layers if x.verdict == IDENTICAL)
+
+
+def diff_files(
+    path_a: str | os.PathLike,
+    path_b: str | os.PathLike,
+    *,
+    layer: str | None = None,
+    eps: float = 1e-5,
+    state: str | None = None,
+) -> DiffReport:
+    """Load both checkpoints and compare their BatchNorm layers, matched by name after prefix stripping."""
+    from bncli.layers import find_layers, read_layer, select_layer
+    from bncli.loading import load_checkpoint
+
+    ckpt_a = load_checkpoint(path_a, state=state)
+    ckpt_b = load_checkpoint(path_b, state=state)
+    keys_a, keys_b = find_layers(ckpt_a), find_layers(ckpt_b)
+    if layer is not None:
+        picked = select_layer(keys_a, layer, ckpt_a.provenance.path)
+        if picked.name not in {k.name for k in keys_b}:
+            select_layer(keys_b, layer, ckpt_b.provenance.path)  # raises with the nearest names in B
+        keys_a = [picked]
+        keys_b = [k for k in keys_b if k.name == picked.name]
+    layers_a = [read_layer(ckpt_a, k) for k in keys_a]
+    layers_b = [read_layer(ckpt_b, k) for k in keys_b]
+    return diff_layers(
+        layers_a,
+        layers_b,
+        path_a=ckpt_a.provenance.path,
+        path_b=ckpt_b.provenance.path,
+        eps=eps,
+        per_channel=layer is not None,
+        prefix_a=ckpt_a.provenance.prefix,
+        prefix_b=ckpt_b.provenance.prefix,
+    )
+
+
+def diff_layers(
+    layers_a: list[BNLayer],
+    layers_b: list[BNLayer],
+    *,
+    path_a: str,
+    path_b: str,
+    eps: float = 1e-5,
+    per_channel: bool = False,
+    prefix_a: str | None = None,
+    prefix_b: str | None = None,
+) -> DiffReport:
+    """Compare two lists of layers; common layers in A's order, then the names found on one side only."""
+    by_name_b = {x.name: x for x in layers_b}
+    names_a = {x.name for x in layers_a}
+    common = [compare_layer(a, by_name_b[a.name], eps, per_channel) for a in layers_a if a.name in by_name_b]
+    return DiffReport(
+        path_a=path_a,
+        path_b=path_b,
+        eps=eps,
+        layers=tuple(common),
+        only_a=tuple(x.name for x in layers_a if x.name not in by_name_b),
+        only_b=tuple(x.name for x in layers_b if x.name not in names_a),
+        prefix_a=prefix_a,
+        prefix_b=prefix_b,
+    )
+
+
+def compare_layer(a: BNLayer, b: BNLayer, eps: float, per_channel: bool = False) -> LayerDiff:
+    """All statistics in float64, whatever the stored dtype."""
+    import numpy as np
+
+    base = {
+        "name": a.name,
+        "num_features_a": a.num_features,
+        "num_features_b": b.num_features,
+        "batches_a": a.num_batches_tracked,
+        "batches_b": b.num_batches_tracked,
+    }
+    shapes_differ = (
+        a.running_mean.shape != b.running_mean.shape
+        or a.running_var.shape != b.running_var.shape
+        or _shape(a.weight) != _shape(b.weight)
+        or _shape(a.bias) != _shape(b.bias)
+    )
+    if shapes_differ:
+        return LayerDiff(
+            verdict=SHAPE_CHANGED,
+            changed_channels=(),
+            max_shift=None,
+            var_ratio_min=None,
+            var_ratio_max=None,
+            mean_kl=None,
+            weight_max_change=None,
+            bias_max_change=None,
+            **base,
+        )
+    f64 = np.float64
+    ma, mb = a.running_mean.astype(f64), b.running_mean.astype(f64)
+    va, vb = a.running_var.astype(f64), b.running_var.astype(f64)
+    with np.errstate(all="ignore"):  # NaN, negative or zero variances give nan/inf, shown as such
+        shift = np.abs(mb - ma) / np.sqrt(va + eps)
+        ratio = vb / va
+        kl = symmetric_kl(ma, va + eps, mb, vb + eps)
+        dw = _delta(a.weight, b.weight)
+        db = _delta(a.bias, b.bias)
+    changed = ~(_same(ma, mb) & _same(va, vb))
+    if dw is not None:
+        changed |= ~_same(a.weight.astype(f64), b.weight.astype(f64))
+    if db is not None:
+        changed |= ~_same(a.bias.astype(f64), b.bias.astype(f64))
+    # Values, not dtypes: a lossless cast is not an update of the statistics.
+    identical = not changed.any() and a.num_batches_tracked == b.num_batches_tracked
+    channels = None
+    if per_channel:
+        channels = tuple(
+            ChannelDiff(
+                index=i,
+                mean_a=float(ma[i]),
+                mean_b=float(mb[i]),
+                var_a=float(va[i]),
+                var_b=float(vb[i]),
+                shift=float(shift[i]),
+                var_ratio=float(ratio[i]),
+                kl=float(kl[i]),
+                weight_change=None if dw is None else float(dw[i]),
+                bias_change=None if db is None else float(db[i]),
+                changed=bool(changed[i]),
+            )
+            for i in range(a.num_features)
+        )
+    return LayerDiff(
+        verdict=IDENTICAL if identical else CHANGED,
+        changed_channels=tuple(int(i) for i in np.flatnonzero(changed)),
+        max_shift=_reduce(shift, np.max),
+        var_ratio_min=_reduce(ratio, np.min),
+        var_ratio_max=_reduce(ratio, np.max),
+        mean_kl=_reduce(kl, np.mean),
+        weight_max_change=None if dw is None else _reduce(np.abs(dw), np.max),
+        bias_max_change=None if db is None else _reduce(np.abs(db), np.max),
+        channels=channels,
+        **base,
+    )
+
+
+def symmetric_kl(mean_a, var_a, mean_b, var_b):
+    """KL(A||B) + KL(B||A) between N(mean_a, var_a) and N(mean_b, var_b), elementwise; the log terms cancel."""
+    import numpy as np
+
+    d2 = (mean_a - mean_b) ** 2
+    kl = 0.5 * (var_a / var_b + var_b / var_a - 2.0) + 0.5 * d2 * (1.0 / var_a + 1.0 / var_b)
+    return np.where((var_a > 0) & (var_b > 0), kl, np.nan)  # no Gaussian has a variance <= 0
+
+
+def _same(x, y):
+    """Elementwise equality where NaN equals NaN (an unchanged NaN is not a change)."""
+    import numpy as np
+
+    return (x == y) | (np.isnan(x) & np.isnan(y))
+
+
+def _delta(a, b):
+    import numpy as np
+
+    if a is None or b is None:
+        return None
+    return b.astype(np.float64) - a.astype(np.float64)
+
+
+def _shape(x) -> tuple[int, ...] | None:
+    return None if x is None else tuple(x.shape)
+
+
+def _reduce(values, fn) -> float | None:
+    """fn over the values; NaN if any is NaN (a broken channel must not hide), None for an empty layer."""
+    import numpy as np
+
+    if values.size == 0:
+        return None
+    if np.isnan(values).any():
+        return float("nan")
+    return float(fn(values))
+

@@ -1,0 +1,445 @@
+"""The `recalibrate` core: re-estimate every BatchNorm layer's running statistics exactly, on one process or many."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bncli.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from bncli.diff import DiffReport
+
+
+@dataclass(frozen=True)
+class RecalibrateReport:
+    checkpoint: str
+    output: str
+    model: str
+    device: str
+    world_size: int
+    samples: int  # samples used
+    available: int  # samples in the --data files
+    batches: int
+    batch_size: int
+    unused: tuple[str, ...]  # BatchNorm layers that saw no input: left as they were
+    diff: DiffReport  # before (A) and after (B)
+
+
+@dataclass
+class Moments:
+    """Per-channel count, mean and M2 (sum of squared deviations) in float64."""
+
+    count: int
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Unbiased (correction=1) variance, as BatchNorm stores in running_var."""
+        return self.m2 / (self.count - 1)
+
+
+def merge(a: Moments | None, b: Moments) -> Moments:
+    """Chan et al.'s parallel update: exact for any split of the data, and stable (no sum of squares)."""
+    if a is None or a.count == 0:
+        return b
+    if b.count == 0:
+        return a
+    n = a.count + b.count
+    delta = b.mean - a.mean
+    return Moments(n, a.mean + delta * (b.count / n), a.m2 + b.m2 + delta * delta * (a.count * b.count / n))
+
+
+def batch_moments(x: torch.Tensor) -> Moments:
+    """Moments of one BatchNorm input (N, C, *) over every dimension but C, computed in float64."""
+    import torch
+
+    dims = [0, *range(2, x.dim())]
+    x64 = x.detach().to(torch.float64)
+    mean = x64.mean(dim=dims)
+    # Two passes over the batch (mean, then squared deviations): no cancellation, and no transposed copy.
+    m2 = ((x64 - mean.view(1, -1, *[1] * (x.dim() - 2))) ** 2).sum(dim=dims)
+    return Moments(x.numel() // x.shape[1], mean, m2)
+
+
+def batchnorm_modules(model) -> list[tuple[str, Any]]:
+    """The BatchNorm layers that keep running statistics (track_running_stats=False ones have none to update)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
+    ]
+
+
+def population_moments(
+    model,
+    batches: Iterable[torch.Tensor],
+    device: str = "cpu",
+    on_batch: Callable[[], None] | None = None,
+) -> tuple[dict[str, Moments], int]:
+    """Run the batches through the model, BatchNorm layers in train mode and everything else in eval mode,
+    and accumulate the moments of every BatchNorm layer's inputs; return them and the number of batches.
+
+    BatchNorm's own running buffers are updated by the forward passes but never read: the statistics come
+    from the hooks, so momentum and the buffers' initial values do not matter.
+    """
+    import torch
+
+    layers = batchnorm_modules(model)
+    moments: dict[str, Moments | None] = {name: None for name, _ in layers}
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+    def hook_for(name: str):
+        def hook(module, args):
+            moments[name] = merge(moments[name], batch_moments(args[0]))
+
+        return hook
+
+    was_training = {m: m.training for m in model.modules()}
+    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in layers]
+    # SyncBatchNorm would all-reduce batch statistics across ranks in train mode: other semantics than one
+    # process, and a hang when ranks run different numbers of batches. Normalize each batch locally instead.
+    synced = [m for _, m in layers if isinstance(m, torch.nn.SyncBatchNorm)]
+    for m in synced:
+        m.forward = _local_batch_norm(m)
+    model.eval()
+    for _, m in layers:
+        m.train()
+    count = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                x = batch.to(device=device, dtype=dtype)
+                forward(model, x)
+                count += 1
+                if on_batch is not None:
+                    on_batch()
+    finally:
+        for h in handles:
+            h.remove()
+        for m in synced:
+            del m.forward
+        for m, training in was_training.items():
+            m.training = training
+    empty = {name: Moments(0, torch.zeros(m.num_features, dtype=torch.float64, device=device),
+                           torch.zeros(m.num_features, dtype=torch.float64, device=device)) for name, m in layers}
+    return {name: moments[name] or empty[name] for name, _ in layers}, count
+
+
+def _local_batch_norm(module):
+    import torch.nn.functional as F
+
+    def forward(x):
+        return F.batch_norm(x, None, None, module.weight, module.bias, True, 0.0, module.eps)
+
+    return forward
+
+
+def forward(model, x) -> None:
+    try:
+        model(x)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Expected more than 1 value per channel" in text:
+            raise InputError(
+                f"a batch of shape {tuple(x.shape)} gives a BatchNorm layer only one value per channel, and a batch of "
+                "one value has no variance; choose --batch-size or --num-samples so that no batch is that small"
+            ) from None
+        raise InputError(f"the model failed on a batch of shape {tuple(x.shape)}: {type(exc).__name__}: {text}") from None
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def load_factory(spec: str) -> Callable[..., Any]:
+    """MODULE:FACTORY -> the callable; the current directory is importable, as with `python -m`."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise InputError(f"--model {spec}: expected MODULE:FACTORY, e.g. mypackage.models:resnet18")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(f"--model {spec}: cannot import {module_name!r} ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
+        raise InputError(f"--model {spec}: importing {module_name!r} raised {type(exc).__name__}: {exc}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise InputError(f"--model {spec}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise InputError(f"--model {spec}: {attr!r} is not callable")
+    return obj
+
+
+def build_model(spec: str, kwargs: dict[str, Any] | None = None):
+    import torch
+
+    factory = load_factory(spec)
+    try:
+        model = factory(**(kwargs or {}))
+    except Exception as exc:  # noqa: BLE001 - the user's factory failed
+        raise InputError(f"--model {spec}: calling it raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"--model {spec}: returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_into(model, ckpt, spec: str) -> None:
+    """Strict load of the (prefix-stripped) checkpoint into the model; mismatches name the keys.
+
+    torch's own non-strict load does the matching, so its compatibility rules still apply (an old checkpoint
+    without num_batches_tracked loads), and any key it reports missing or unexpected is refused here.
+    """
+    import torch
+
+    state = {k: (v if isinstance(v, torch.Tensor) else torch.as_tensor(ckpt.read(k))) for k, v in ckpt.items()}
+    path = ckpt.provenance.path
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        raise InputError(f"{path}: does not fit --model {spec}: {' '.join(lines) or str(exc).strip()}") from None
+    parts = []
+    if result.missing_keys:
+        parts.append(f"missing keys: {_some(result.missing_keys)}")
+    if result.unexpected_keys:
+        parts.append(f"unexpected keys: {_some(result.unexpected_keys)}")
+    if parts:
+        raise InputError(f"{path}: does not fit --model {spec}: {'; '.join(parts)}")
+
+
+def _some(keys: list[str]) -> str:
+    return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    owned: bool  # whether we created the process group (and so destroy it)
+
+
+def init_distributed(device: str) -> Dist:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: gloo on CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return Dist(0, 1, False)
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise InputError("WORLD_SIZE is set but this torch has no torch.distributed support")
+    if dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), False)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), True)
+
+
+def reduce_moments(local: dict[str, Moments], batches: int, samples: int, ctx: Dist, device: str):
+    """Gather every rank's (count, mean, M2) and merge them in rank order, so the result never depends on timing."""
+    if ctx.world_size == 1:
+        return local, batches, samples
+    import torch
+    import torch.distributed as dist
+
+    names = list(local)
+    packed = torch.cat(
+        [torch.tensor([float(batches), float(samples)], dtype=torch.float64, device=device)]
+        + [torch.cat([torch.tensor([float(local[n].count)], dtype=torch.float64, device=device), local[n].mean, local[n].m2])
+           for n in names]
+    )
+    gathered = [torch.empty_like(packed) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, packed)
+    merged: dict[str, Moments | None] = {n: None for n in names}
+    total_batches = total_samples = 0
+    for part in gathered:  # rank order
+        total_batches += int(part[0].item())
+        total_samples += int(part[1].item())
+        offset = 2
+        for n in names:
+            c = local[n].mean.shape[0]
+            count = int(part[offset].item())
+            mean, m2 = part[offset + 1 : offset + 1 + c], part[offset + 1 + c : offset + 1 + 2 * c]
+            merged[n] = merge(merged[n], Moments(count, mean, m2))
+            offset += 1 + 2 * c
+    return {n: m for n, m in merged.items() if m is not None}, total_batches, total_samples
+
+
+# --------------------------------------------------------------------------- the command's core
+
+
+def recalibrate(
+    checkpoint: str | os.PathLike,
+    *,
+    model: str,
+    data: list[str | os.PathLike],
+    output: str | os.PathLike,
+    model_kwargs: dict[str, Any] | None = None,
+    key: str | None = None,
+    num_samples: int | None = 8192,
+    batch_size: int = 64,
+    device: str = "cpu",
+    state: str | None = None,
+    progress: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> RecalibrateReport | None:
+    """Recalibrate CHECKPOINT on the data and write OUTPUT; return the report (None on ranks other than 0)."""
+    import torch
+
+    from bncli import calib_data
+    from bncli.diff import diff_files
+    from bncli.loading import load_checkpoint
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: CUDA is not available (no GPU visible, or this torch was built without CUDA)")
+    ctx = init_distributed(device)
+    try:
+        run_device = device
+        if device == "cuda" and ctx.world_size > 1:
+            run_device = f"cuda:{int(os.environ.get('LOCAL_RANK', ctx.rank)) % torch.cuda.device_count()}"
+            torch.cuda.set_device(run_device)
+        ckpt = load_checkpoint(checkpoint, state=state)
+        net = build_model(model, model_kwargs)
+        load_into(net, ckpt, model)
+        net.to(run_device)
+        sources = calib_data.discover(data, key)
+        batches = calib_data.plan(sources, batch_size, num_samples)
+        if not batches:
+            raise InputError(f"{', '.join(str(s.path) for s in sources)}: no samples to calibrate on (N = 0)")
+        mine = batches[ctx.rank :: ctx.world_size]  # batch i goes to rank i mod K: every rank reads only its share
+        local_samples = sum(end - start for b in mine for _, start, end in b)
+        with _progress(progress and ctx.rank == 0, len(mine)) as advance:
+            local, local_batches = population_moments(net, calib_data.iterate(sources, mine), run_device, advance)
+        moments, total_batches, total_samples = reduce_moments(local, local_batches, local_samples, ctx, run_device)
+        if ctx.rank != 0:
+            return None
+        modules = dict(batchnorm_modules(net))
+        unused = tuple(n for n, m in moments.items() if m.count == 0)
+        for name in unused:
+            if warn is not None:
+                warn(f"{name}: received no input from the model's forward pass; its statistics are left as they were")
+        updates = {}
+        for name, m in moments.items():
+            if m.count == 0:
+                continue
+            updates[f"{name}.running_mean"] = m.mean.cpu()
+            updates[f"{name}.running_var"] = m.var.cpu()
+            counter = f"{name}.num_batches_tracked"
+            if getattr(modules[name], "num_batches_tracked", None) is not None and counter in ckpt:
+                updates[counter] = int(ckpt.read(counter).reshape(())) + total_batches
+        write_checkpoint(ckpt, updates, Path(output), warn)
+        report = diff_files(checkpoint, output, state=state)
+        return RecalibrateReport(
+            checkpoint=ckpt.provenance.path,
+            output=str(output),
+            model=model,
+            device=device,
+            world_size=ctx.world_size,
+            samples=total_samples,
+            available=sum(s.n for s in sources),
+            batches=total_batches,
+            batch_size=batch_size,
+            unused=unused,
+            diff=report,
+        )
+    finally:
+        if ctx.owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+class _progress:
+    """A Rich progress bar on stderr, or nothing; yields a function to call after every batch."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled = enabled
+        self.total = total
+        self.bar = None
+
+    def __enter__(self) -> Callable[[], None] | None:
+        if not self.enabled:
+            return None
+        from rich.console import Console
+        from rich.progress import Progress
+
+        self.bar = Progress(console=Console(stderr=True), transient=True)
+        self.bar.start()
+        task = self.bar.add_task("recalibrating", total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc_info) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_checkpoint(ckpt, updates: dict[str, Any], output: Path, warn: Callable[[str], None] | None = None) -> None:
+    """Write the input file again with the new statistics, keeping its format, wrapping, prefix and dtypes."""
+    from bncli.atomic import write_atomic
+
+    prov = ckpt.provenance
+    prefix = prov.prefix or ""
+    suffix = output.suffix.lower()
+    if prov.format == "safetensors":
+        if suffix != ".safetensors" and warn is not None:
+            warn(f"{output}: written as safetensors, the input's format, whatever its suffix")
+        write_atomic(output, lambda fh: fh.write(_safetensors_bytes(Path(prov.path), updates, prefix)))
+        return
+    import torch
+
+    from bncli.loading import _torch_load
+
+    if suffix == ".safetensors" and warn is not None:
+        warn(f"{output}: written as a torch file, the input's format, whatever its suffix")
+    obj = _torch_load(Path(prov.path), prov.format)
+    node = obj
+    for part in (prov.container or "").split(".") if prov.container else ():
+        node = node[part]
+    for key, value in updates.items():
+        full = prefix + key
+        old = node[full]
+        node[full] = _like(old, value)
+    write_atomic(output, lambda fh: torch.save(obj, fh))
+
+
+def _like(old: Any, value: Any):
+    """The new value in the old one's type, dtype and shape (num_batches_tracked may be a plain int)."""
+    import torch
+
+    if isinstance(old, torch.Tensor):
+        return torch.as_tensor(value).to(old.dtype).reshape(old.shape).clone()
+    if isinstance(old, int):
+        return int(value)
+    return float(value)
+
+
+def _safetensors_bytes(path: Path, updates: dict[str, Any], prefix: str) -> bytes:
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for key, value in updates.items():
+        full = prefix + key
+        tensors[full] = _like(tensors[full], value)
+    return save(tensors, metadata=metadata)

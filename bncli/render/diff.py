@@ -1,0 +1,216 @@
+"""Renderers for `diff` and `recalibrate`: a Rich table, JSON and a Markdown table of a DiffReport."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from bncli.diff import CHANGED, IDENTICAL, SHAPE_CHANGED, DiffReport, LayerDiff
+from bncli.render.json import SCHEMA_VERSION, _dump
+from bncli.render.table import fmt
+
+VERDICT_STYLES = {IDENTICAL: "green", CHANGED: "yellow", SHAPE_CHANGED: "bold red"}
+LAYER_HEADERS = ("layer", "C", "verdict", "max mean\nshift", "var ratio\nmin", "var ratio\nmax", "mean\nsym KL", "Δ\nbatches",
+                 "max\n|Δweight|", "max\n|Δbias|")
+CHANNEL_HEADERS = ("ch", "mean A", "mean B", "mean shift", "var A", "var B", "var ratio", "sym KL", "Δweight", "Δbias", "changed")
+
+
+def _channels(layer: LayerDiff) -> str:
+    if layer.num_features_a == layer.num_features_b:
+        return str(layer.num_features_a)
+    return f"{layer.num_features_a}→{layer.num_features_b}"
+
+
+def _delta_int(value: int | None) -> str:
+    return "-" if value is None else f"{value:+d}"
+
+
+def layer_cells(layer: LayerDiff) -> list[str]:
+    return [
+        layer.name,
+        _channels(layer),
+        layer.verdict,
+        *(fmt(x) for x in (layer.max_shift, layer.var_ratio_min, layer.var_ratio_max, layer.mean_kl)),
+        _delta_int(layer.batches_change),
+        fmt(layer.weight_max_change),
+        fmt(layer.bias_max_change),
+    ]
+
+
+def channel_cells(layer: LayerDiff) -> list[list[str]]:
+    return [
+        [
+            str(c.index),
+            *(fmt(x) for x in (c.mean_a, c.mean_b, c.shift, c.var_a, c.var_b, c.var_ratio, c.kl, c.weight_change, c.bias_change)),
+            "yes" if c.changed else "",
+        ]
+        for c in layer.channels or ()
+    ]
+
+
+def summary_line(report: DiffReport) -> str:
+    counts = {v: sum(1 for x in report.layers if x.verdict == v) for v in (IDENTICAL, CHANGED, SHAPE_CHANGED)}
+    n = len(report.layers)
+    return (
+        f"{n} layer{'s' if n != 1 else ''} in both: {counts[CHANGED]} changed, {counts[SHAPE_CHANGED]} shape-changed, "
+        f"{counts[IDENTICAL]} identical; {len(report.only_a)} only in A, {len(report.only_b)} only in B"
+    )
+
+
+def title_line(report: DiffReport) -> str:
+    return f"A = {report.path_a}   B = {report.path_b}   (eps={report.eps:g})"
+
+
+def diff_table(report: DiffReport) -> RenderableType:
+    parts: list[RenderableType] = [Text(title_line(report), style="bold")]
+    single = len(report.layers) == 1 and report.layers[0].channels is not None
+    if report.layers:
+        table = Table(show_edge=False, pad_edge=False, header_style="bold")
+        for i, header in enumerate(LAYER_HEADERS):
+            table.add_column(header, justify="left" if i in (0, 2) else "right", no_wrap=i != 0, overflow="fold")
+        for layer in report.layers:
+            cells = layer_cells(layer)
+            table.add_row(*cells[:2], Text(cells[2], style=VERDICT_STYLES[layer.verdict]), *cells[3:])
+        parts.append(table)
+    if single:
+        layer = report.layers[0]
+        table = Table(title=f"layer {layer.name}, channel by channel", title_justify="left", show_edge=False,
+                      pad_edge=False, header_style="bold")
+        for header in CHANNEL_HEADERS:
+            table.add_column(header, justify="right", no_wrap=True)
+        for row in channel_cells(layer):
+            table.add_row(*row)
+        parts.append(table)
+    for label, names in (("only in A", report.only_a), ("only in B", report.only_b)):
+        if names:
+            parts.append(Text(f"{label}: {', '.join(names)}", style="red"))
+    parts.append(Text(summary_line(report)))
+    parts.append(Text("mean shift = |mean_B - mean_A| / sqrt(var_A + eps); var ratio = var_B / var_A; "
+                      "sym KL = KL(A||B) + KL(B||A) of N(mean, var + eps)", style="dim"))
+    return Group(*parts)
+
+
+def diff_payload(report: DiffReport) -> dict[str, Any]:
+    layers = []
+    for layer in report.layers:
+        entry = {k: v for k, v in dataclasses.asdict(layer).items() if k != "channels"}
+        entry["changed_channels"] = list(layer.changed_channels)
+        entry["batches_change"] = layer.batches_change
+        if layer.channels is not None:
+            entry["channels"] = [dataclasses.asdict(c) for c in layer.channels]
+        layers.append(entry)
+    return {
+        "a": {"path": report.path_a, "prefix": report.prefix_a},
+        "b": {"path": report.path_b, "prefix": report.prefix_b},
+        "eps": report.eps,
+        "layers": layers,
+        "only_a": list(report.only_a),
+        "only_b": list(report.only_b),
+        "summary": {
+            "layers": len(report.layers),
+            **{v: sum(1 for x in report.layers if x.verdict == v) for v in (IDENTICAL, CHANGED, SHAPE_CHANGED)},
+            "only_a": len(report.only_a),
+            "only_b": len(report.only_b),
+        },
+    }
+
+
+def diff_json(report: DiffReport) -> str:
+    return _dump({"schema_version": SCHEMA_VERSION, **diff_payload(report)})
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def _md_table(headers: tuple[str, ...], rows: list[list[str]], left: tuple[int, ...]) -> list[str]:
+    align = ["---" if i in left else "---:" for i in range(len(headers))]
+    return [_md_row([h.replace("\n", " ") for h in headers]), "|" + "|".join(align) + "|", *(_md_row(r) for r in rows)]
+
+
+def diff_markdown(report: DiffReport) -> str:
+    lines = [f"**BatchNorm diff**: A = `{report.path_a}`, B = `{report.path_b}` (eps={report.eps:g})", ""]
+    if report.layers:
+        lines += _md_table(LAYER_HEADERS, [layer_cells(x) for x in report.layers], left=(0, 2))
+        lines.append("")
+    if len(report.layers) == 1 and report.layers[0].channels is not None:
+        lines += [f"Layer `{report.layers[0].name}`, channel by channel:", ""]
+        lines += _md_table(CHANNEL_HEADERS, channel_cells(report.layers[0]), left=(len(CHANNEL_HEADERS) - 1,))
+        lines.append("")
+    for label, names in (("Only in A", report.only_a), ("Only in B", report.only_b)):
+        if names:
+            lines += [f"{label}: " + ", ".join(f"`{n}`" for n in names), ""]
+    lines.append(summary_line(report))
+    return "\n".join(lines)
+
+
+def recalibrate_lines(report) -> list[str]:
+    ranks = f" on {report.world_size} processes" if report.world_size > 1 else ""
+    used = f"{report.samples} samples"
+    if report.samples != report.available:
+        used = f"{report.samples} of {report.available} samples"
+    lines = [
+        f"recalibrated {report.checkpoint} with --model {report.model}",
+        f"on {used} in {report.batches} batch{'es' if report.batches != 1 else ''} of up to {report.batch_size} "
+        f"({report.device}{ranks}); wrote {report.output}",
+    ]
+    if report.unused:
+        lines.append(f"left unchanged (no input reached them): {', '.join(report.unused)}")
+    return lines
+
+
+def recalibrate_table(report) -> RenderableType:
+    return Group(*(Text(line) for line in recalibrate_lines(report)), diff_table(report.diff))
+
+
+def recalibrate_json(report) -> str:
+    return _dump(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "checkpoint": report.checkpoint,
+            "output": report.output,
+            "model": report.model,
+            "device": report.device,
+            "world_size": report.world_size,
+            "samples": report.samples,
+            "available": report.available,
+            "batches": report.batches,
+            "batch_size": report.batch_size,
+            "unused": list(report.unused),
+            "diff": diff_payload(report.diff),
+        }
+    )
+
+
+def recalibrate_markdown(report) -> str:
+    return "\n\n".join([*recalibrate_lines(report), diff_markdown(report.diff)])
+
+
+def _escape(text: str) -> str:
+    """GitHub workflow-command escaping of a message."""
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def diff_github(report: DiffReport) -> str:
+    """GitHub Actions annotations: one ::notice per layer that differs, then the summary."""
+    lines = []
+    for layer in report.layers:
+        if layer.verdict == IDENTICAL:
+            continue
+        detail = f"{layer.num_features_a}→{layer.num_features_b} channels" if layer.verdict == SHAPE_CHANGED else (
+            f"{len(layer.changed_channels)} of {layer.num_features_a} channels; max mean shift {fmt(layer.max_shift)}, "
+            f"var ratio {fmt(layer.var_ratio_min)}..{fmt(layer.var_ratio_max)}, mean sym KL {fmt(layer.mean_kl)}"
+        )
+        lines.append(f"::notice title=bncli diff::{_escape(f'{layer.name}: {layer.verdict} ({detail})')}")
+    for label, names in (("only in A", report.only_a), ("only in B", report.only_b)):
+        lines.extend(f"::notice title=bncli diff::{_escape(f'{name}: {label}')}" for name in names)
+    lines.append(summary_line(report))
+    return "\n".join(lines)
+
+
+def recalibrate_github(report) -> str:
+    return "\n".join([*recalibrate_lines(report), diff_github(report.diff)])

@@ -1,0 +1,353 @@
+"""`recalibrate`: exact population statistics, checked against closed forms and hook-collected references."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections import OrderedDict
+
+import models_for_tests
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, SAMPLES
+
+from bncli.recalibrate import batchnorm_modules, population_moments
+
+
+def drifting_data(n=50, seed=0, shape=(3, 5, 5)):
+    """Samples whose per-channel offset drifts with the index, so batch means differ from batch to batch."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, *shape), generator=g, dtype=torch.float64)
+    drift = torch.linspace(-2.0, 3.0, n, dtype=torch.float64).view(n, 1, 1, 1)
+    x = x * torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64).view(1, 3, 1, 1) + drift + 1.5
+    return x.float()
+
+
+def closed_form(x):
+    """Mean and unbiased variance of the 1x1 convolution's output, written out in float64."""
+    w = torch.tensor(models_for_tests.POINTWISE_WEIGHT, dtype=torch.float64)
+    b = torch.tensor(models_for_tests.POINTWISE_BIAS, dtype=torch.float64)
+    y = torch.einsum("oc,nchw->onhw", w, x.double()).reshape(4, -1) + b[:, None]
+    return y.mean(dim=1), y.var(dim=1, correction=1)
+
+
+@pytest.mark.parametrize("batch_size", [50, 16, 7, 3])  # 16, 7 and 3 leave an uneven last batch
+def test_pointwise_matches_closed_form_where_update_bn_does_not(batch_size):
+    x = drifting_data()
+    mean, var = closed_form(x)
+    model = models_for_tests.pointwise()
+    moments, count = population_moments(model, torch.split(x, batch_size))
+    got = moments["1"]
+    assert count == -(-50 // batch_size)
+    assert got.count == 50 * 25
+    std = var.sqrt()
+    assert torch.all((got.mean - mean).abs() <= 1e-6 * std)
+    assert torch.allclose(got.var, var, rtol=1e-6, atol=0)
+
+    swa_model = models_for_tests.pointwise()
+    torch.optim.swa_utils.update_bn(list(torch.split(x, batch_size)), swa_model)
+    bn = swa_model[1]
+    ours = ((got.var - var).abs() / var).max().item()
+    theirs = ((bn.running_var.double() - var).abs() / var).max().item()
+    if batch_size == 50:  # one batch: the batch variance is the population variance, update_bn is right too
+        assert theirs < 1e-5
+    else:
+        assert theirs > 1e-3 > 1e-6 > ours
+
+
+def reference_moments(model, batches):
+    """Collect every BatchNorm layer's inputs with forward hooks (BN in train mode, the rest in eval)."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name, m in batchnorm_modules(model):
+        seen[name] = []
+        handles.append(m.register_forward_hook(lambda mod, args, out, name=name: seen[name].append(args[0].detach().double())))
+    model.eval()
+    for _, m in batchnorm_modules(model):
+        m.train()
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    for h in handles:
+        h.remove()
+    result = {}
+    for name, inputs in seen.items():
+        flat = torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1) for t in inputs], dim=1)
+        result[name] = (flat.mean(dim=1), flat.var(dim=1, correction=1), flat.shape[1])
+    return result
+
+
+def test_deep_model_matches_hooked_reference_and_is_bit_identical():
+    x = drifting_data(n=37, seed=3, shape=(3, 8, 8))
+    batches = list(torch.split(x, 10))  # 10, 10, 10, 7
+    ref = reference_moments(models_for_tests.deep(), batches)
+    first, count = population_moments(models_for_tests.deep(), batches)
+    second, _ = population_moments(models_for_tests.deep(), batches)
+    assert count == 4
+    assert list(first) == ["body.1", "body.5", "body.9", "head.1"]
+    for name, (mean, var, n) in ref.items():
+        got = first[name]
+        assert got.count == n
+        assert torch.allclose(got.mean, mean, rtol=1e-12, atol=1e-12 * var.sqrt().max().item())
+        assert torch.allclose(got.var, var, rtol=1e-12, atol=0)
+        assert torch.equal(got.mean, second[name].mean) and torch.equal(got.m2, second[name].m2)
+
+
+def test_modules_are_restored_and_dropout_was_off():
+    model = models_for_tests.deep()
+    model.train()
+    x = drifting_data(n=8, shape=(3, 8, 8))
+    a, _ = population_moments(model, [x])
+    b, _ = population_moments(model, [x])  # with dropout on, the second run would see other inputs
+    assert all(m.training for m in model.modules())
+    assert torch.equal(a["head.1"].m2, b["head.1"].m2)
+
+
+# --------------------------------------------------------------------------- the command, end to end
+
+
+def save_wrapped(path, model, prefix="module.", seed=0):
+    """A trained-looking checkpoint: {'state_dict': {prefix + key: ...}, 'epoch': 7}, with arbitrary BN statistics."""
+    g = torch.Generator().manual_seed(seed)
+    sd = OrderedDict()
+    for k, v in model.state_dict().items():
+        if k.endswith("running_mean"):
+            v = torch.randn(v.shape, generator=g)
+        elif k.endswith("running_var"):
+            v = torch.rand(v.shape, generator=g) + 0.5
+        elif k.endswith("num_batches_tracked"):
+            v = torch.tensor(100)
+        sd[prefix + k] = v.clone()
+    torch.save({"state_dict": sd, "epoch": 7}, path)
+    return sd
+
+
+def test_cli_writes_exact_statistics_keeping_the_wrapping(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "model.pt"
+    before = save_wrapped(ckpt, models_for_tests.deep())
+    x = drifting_data(n=45, seed=5, shape=(3, 8, 8))
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    np.save(folder / "a.npy", x[:20].numpy())
+    torch.save(x[20:], folder / "b.pt")
+    out = tmp_path / "out.pt"
+    result = cli("recalibrate", ckpt, "--model", "models_for_tests:deep", "--data", folder, "--batch-size", "8",
+                 "--num-samples", "43", "--output", out)
+    assert result.exit_code == 0, result
+    assert "on 43 of 45 samples in 6 batches of up to 8 (cpu)" in result.stdout
+    assert "body.1" in result.stdout and "changed" in result.stdout
+
+    ref = reference_moments(models_for_tests.deep(), list(torch.split(x[:43], 8)))
+    saved = torch.load(out, weights_only=True)
+    assert set(saved) == {"state_dict", "epoch"} and saved["epoch"] == 7
+    sd = saved["state_dict"]
+    assert list(sd) == list(before)
+    for name, (mean, var, _) in ref.items():
+        k = f"module.{name}."
+        assert sd[k + "running_mean"].dtype == torch.float32
+        assert torch.allclose(sd[k + "running_mean"].double(), mean, rtol=1e-6, atol=1e-6)
+        assert torch.allclose(sd[k + "running_var"].double(), var, rtol=1e-6, atol=0)
+        assert sd[k + "num_batches_tracked"].item() == 106
+    for k, v in before.items():
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(sd[k], v), k
+
+
+def test_cli_safetensors_stays_safetensors(cli, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = models_for_tests.pointwise()
+    ckpt = tmp_path / "m.safetensors"
+    save_file(model.state_dict(), ckpt, metadata={"note": "kept"})
+    x = drifting_data(n=20)
+    torch.save(x, tmp_path / "x.pt")
+    out = tmp_path / "out.safetensors"
+    result = cli("recalibrate", ckpt, "-m", "models_for_tests:pointwise", "-d", tmp_path / "x.pt", "-b", "6", "-o", out,
+                 "--format", "json")
+    assert result.exit_code == 0, result
+    payload = json.loads(result.stdout)
+    assert payload["batches"] == 4 and payload["samples"] == 20
+    assert payload["diff"]["layers"][0]["verdict"] == "changed"
+    mean, var = closed_form(x)
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata() == {"note": "kept"}
+        assert torch.allclose(f.get_tensor("1.running_var").double(), var, rtol=1e-6)
+        assert torch.allclose(f.get_tensor("1.running_mean").double(), mean, rtol=1e-6, atol=1e-6)
+        assert f.get_tensor("1.num_batches_tracked").item() == 4
+
+
+def test_cli_strict_mismatch_lists_keys(cli, tmp_path):
+    sd = models_for_tests.pointwise().state_dict()
+    sd["extra.weight"] = torch.zeros(1)
+    del sd["0.bias"]
+    ckpt = tmp_path / "m.pt"
+    torch.save(sd, ckpt)
+    torch.save(drifting_data(n=4), tmp_path / "x.pt")
+    result = cli("recalibrate", ckpt, "-m", "models_for_tests:pointwise", "-d", tmp_path / "x.pt", "-o", tmp_path / "o.pt")
+    assert result.exit_code == 3
+    assert result.stderr.strip() == (
+        f"error: {ckpt}: does not fit --model models_for_tests:pointwise: missing keys: 0.bias; unexpected keys: extra.weight"
+    )
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_cli_model_from_current_directory_with_kwargs(cli, tmp_path, monkeypatch):
+    (tmp_path / "localpkg.py").write_text(
+        "import torch.nn as nn\n\ndef make(width):\n    return nn.Sequential(nn.Conv2d(3, width, 1), nn.BatchNorm2d(width))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    torch.manual_seed(0)
+    import torch.nn as nn
+
+    torch.save(nn.Sequential(nn.Conv2d(3, 5, 1), nn.BatchNorm2d(5)).state_dict(), tmp_path / "m.pt")
+    torch.save(drifting_data(n=6), tmp_path / "x.pt")
+    args = ["recalibrate", "m.pt", "-m", "localpkg:make", "-d", "x.pt", "-o", "o.pt"]
+    assert cli(*args, "--model-kwargs", '{"width": 5}').exit_code == 0
+    bad = cli(*args, "--model-kwargs", "[5]")
+    assert bad.exit_code == 2 and "expected a JSON object" in bad.stderr
+    wrong = cli(*args, "--model-kwargs", '{"width": 4}')
+    assert wrong.exit_code == 3 and "size mismatch for 0.weight" in wrong.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["-m", "nomod_xyz:f"], 3, "error: --model nomod_xyz:f: cannot import 'nomod_xyz' (No module named 'nomod_xyz')"),
+        (["-m", "models_for_tests:no"], 3, "error: --model models_for_tests:no: 'models_for_tests' has no attribute 'no'"),
+        (["-m", "models_for_tests"], 2, "expected MODULE:FACTORY"),
+        (["-m", "models_for_tests:POINTWISE_BIAS"], 3, "models_for_tests:POINTWISE_BIAS: 'POINTWISE_BIAS' is not callable"),
+    ],
+)
+def test_cli_model_errors(cli, tmp_path, args, code, message):
+    torch.save(models_for_tests.pointwise().state_dict(), tmp_path / "m.pt")
+    torch.save(drifting_data(n=4), tmp_path / "x.pt")
+    result = cli("recalibrate", tmp_path / "m.pt", *args, "-d", tmp_path / "x.pt", "-o", tmp_path / "o.pt")
+    assert result.exit_code == code, result
+    assert message in result.stderr
+
+
+def test_cli_data_errors(cli, tmp_path):
+    torch.save(models_for_tests.pointwise().state_dict(), tmp_path / "m.pt")
+    torch.save(torch.zeros(4, 3, 5, 5, dtype=torch.uint8), tmp_path / "u8.pt")
+    np.save(tmp_path / "a.npy", np.zeros((4, 3, 5, 5), np.float32))
+    np.save(tmp_path / "b.npy", np.zeros((4, 3, 6, 6), np.float32))
+    base = ["recalibrate", tmp_path / "m.pt", "-m", "models_for_tests:pointwise", "-o", tmp_path / "o.pt"]
+    r = cli(*base, "-d", tmp_path / "u8.pt")
+    assert r.exit_code == 3 and f"error: {tmp_path / 'u8.pt'}: data has dtype uint8" in r.stderr
+    r = cli(*base, "-d", tmp_path / "a.npy", "-d", tmp_path / "b.npy")
+    assert r.exit_code == 3
+    assert f"error: {tmp_path / 'b.npy'}: samples have shape (3, 6, 6), but {tmp_path / 'a.npy'} has (3, 5, 5)" in r.stderr
+    np.save(tmp_path / "empty.npy", np.zeros((0, 3, 5, 5), np.float32))
+    r = cli(*base, "-d", tmp_path / "empty.npy")
+    assert r.exit_code == 3 and r.stderr.strip() == f"error: {tmp_path / 'empty.npy'}: no samples to calibrate on (N = 0)"
+    r = cli("recalibrate", tmp_path / "m.pt", "-m", "models_for_tests:pointwise", "-d", tmp_path / "a.npy",
+            "-o", tmp_path / "nodir" / "o.pt")
+    assert r.exit_code == 3
+    assert r.stderr.strip() == f"error: {tmp_path / 'nodir' / 'o.pt'}: cannot write: folder {tmp_path / 'nodir'} does not exist"
+    r = cli(*base, "-d", tmp_path / "missing.npy")
+    assert r.exit_code == 3 and f"error: {tmp_path / 'missing.npy'}: no such file" in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is missing")
+def test_cli_cuda_unavailable(cli, tmp_path):
+    torch.save(models_for_tests.pointwise().state_dict(), tmp_path / "m.pt")
+    torch.save(drifting_data(n=4), tmp_path / "x.pt")
+    r = cli("recalibrate", tmp_path / "m.pt", "-m", "models_for_tests:pointwise", "-d", tmp_path / "x.pt",
+            "-o", tmp_path / "o.pt", "--device", "cuda")
+    assert r.exit_code == 3
+    message = "error: --device cuda: CUDA is not available (no GPU visible, or this torch was built without CUDA)"
+    assert r.stderr.strip() == message
+
+
+def test_sample_data_recalibrates(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "model.recal.pt"
+    result = cli("recalibrate", SAMPLES / "model.pt", "--model", "sample_data.smallcnn:small_cnn",
+                 "--data", SAMPLES / "input.pt", "--data", SAMPLES / "input.npy", "--batch-size", "5", "--output", out)
+    assert result.exit_code == 0, result
+    assert "on 16 samples in 4 batches of up to 5" in result.stdout
+    saved = torch.load(out, weights_only=True)
+    assert saved["arch"] == "SmallCNN" and saved["state_dict"]["module.features.1.num_batches_tracked"].item() == 260
+
+    # The same 8 images from a safetensors file that also holds labels: --key picks the images.
+    again = cli("recalibrate", SAMPLES / "model.pt", "-m", "sample_data.smallcnn:small_cnn", "-d", SAMPLES / "inputs.safetensors",
+                "--key", "images", "-d", SAMPLES / "input.npy", "-b", "5", "-o", tmp_path / "again.pt")
+    assert again.exit_code == 0, again
+    resaved = torch.load(tmp_path / "again.pt", weights_only=True)["state_dict"]
+    for k, v in saved["state_dict"].items():
+        assert torch.equal(resaved[k], v), k
+    no_key = cli("recalibrate", SAMPLES / "model.pt", "-m", "sample_data.smallcnn:small_cnn",
+                 "-d", SAMPLES / "inputs.safetensors", "-o", tmp_path / "x.pt")
+    assert no_key.exit_code == 3
+    assert "holds 2 tensors; choose one with --key: images, labels" in no_key.stderr
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_equal_one(tmp_path):
+    ckpt = tmp_path / "model.pt"
+    save_wrapped(ckpt, models_for_tests.deep())
+    np.save(tmp_path / "x.npy", drifting_data(n=53, seed=9, shape=(3, 8, 8)).numpy())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "NO_COLOR": "1",
+           "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    args = ["-m", "bncli", "recalibrate", str(ckpt), "--model", "models_for_tests:deep", "--data", str(tmp_path / "x.npy"),
+            "--batch-size", "8", "--format", "json"]
+    single = subprocess.run([sys.executable, *args, "-o", str(tmp_path / "one.pt")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert single.returncode == 0, single.stderr
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    multi = subprocess.run([*launcher, *args, "-o", str(tmp_path / "two.pt")], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert multi.returncode == 0, multi.stderr
+    report = json.loads(multi.stdout)  # only rank 0 prints
+    assert report["world_size"] == 2 and report["batches"] == 7 and report["samples"] == 53
+    one = torch.load(tmp_path / "one.pt", weights_only=True)["state_dict"]
+    two = torch.load(tmp_path / "two.pt", weights_only=True)["state_dict"]
+    for k in one:
+        if k.endswith(("running_mean", "running_var")):
+            assert torch.allclose(two[k].double(), one[k].double(), rtol=1e-6, atol=1e-7), k
+        else:
+            assert torch.equal(two[k], one[k]), k
+    assert copy.copy(two["module.body.1.num_batches_tracked"]).item() == 107
+
+
+def test_checkpoint_without_num_batches_tracked_loads(cli, tmp_path):
+    sd = models_for_tests.pointwise().state_dict()
+    del sd["1.num_batches_tracked"]  # as saved by torch < 0.4.1; torch's loader accepts it
+    torch.save(sd, tmp_path / "old.pt")
+    torch.save(drifting_data(n=10), tmp_path / "x.pt")
+    result = cli("recalibrate", tmp_path / "old.pt", "-m", "models_for_tests:pointwise", "-d", tmp_path / "x.pt",
+                 "-o", tmp_path / "o.pt")
+    assert result.exit_code == 0, result
+    saved = torch.load(tmp_path / "o.pt", weights_only=True)
+    assert "1.num_batches_tracked" not in saved
+    assert torch.allclose(saved["1.running_var"].double(), closed_form(drifting_data(n=10))[1], rtol=1e-6)
+
+
+def test_sync_batchnorm_is_normalized_locally():
+    x = drifting_data(n=12)
+    plain = models_for_tests.pointwise()
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(models_for_tests.pointwise())
+    assert isinstance(synced[1], torch.nn.SyncBatchNorm)
+    a, _ = population_moments(plain, torch.split(x, 5))
+    b, _ = population_moments(synced, torch.split(x, 5))
+    assert torch.equal(a["1"].mean, b["1"].mean) and torch.equal(a["1"].m2, b["1"].m2)
+    assert "forward" not in vars(synced[1])  # the class's forward is back
