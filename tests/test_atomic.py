@@ -83,7 +83,6 @@ def test_target_is_a_directory(tmp_path):
 def test_normalize_output_untouched_when_torch_save_fails(cli, tmp_path, monkeypatch):
     """Through the CLI: torch.save dies half-way; the previous output stays, exit code 4, no temporary file."""
     import torch
-
     from conftest import SAMPLES
 
     out = tmp_path / "out.pt"
