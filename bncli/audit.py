@@ -20,8 +20,11 @@ def inspect_files(
     layer: str | None = None,
     state: str | None = None,
     thresholds: Thresholds = Thresholds(),
+    strip_prefix: str | None = None,
 ) -> InspectReport:
-    return InspectReport(tuple(inspect_file(p, layer=layer, state=state, thresholds=thresholds) for p in paths))
+    return InspectReport(
+        tuple(inspect_file(p, layer=layer, state=state, thresholds=thresholds, strip_prefix=strip_prefix) for p in paths)
+    )
 
 
 def inspect_file(
@@ -30,9 +33,10 @@ def inspect_file(
     layer: str | None = None,
     state: str | None = None,
     thresholds: Thresholds = Thresholds(),
+    strip_prefix: str | None = None,
 ) -> FileReport:
     """Audit one checkpoint; with `layer`, report only that layer, channel by channel."""
-    ckpt = load_checkpoint(path, state=state)
+    ckpt = load_checkpoint(path, state=state, strip_prefix=strip_prefix)
     keys = find_layers(ckpt)
     if layer is not None:
         keys = [select_layer(keys, layer, ckpt.provenance.path)]

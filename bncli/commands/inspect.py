@@ -45,6 +45,10 @@ def run(
         Optional[str],
         typer.Option("--state", help="Key of the state dict inside the checkpoint, e.g. 'ema' (default: found automatically)."),
     ] = None,
+    strip_prefix: Annotated[
+        Optional[str],
+        typer.Option("--strip-prefix", help="Remove a prefix every key shares, e.g. 'model.' in a Lightning checkpoint."),
+    ] = None,
 ) -> None:
     """Audit the running statistics and affine parameters of every BatchNorm layer in a checkpoint.
 
@@ -55,7 +59,7 @@ def run(
     from bncli.cli import emit
     from bncli.render import renderer_for
 
-    report = inspect_files([checkpoint], layer=layer, state=state)
+    report = inspect_files([checkpoint], layer=layer, state=state, strip_prefix=strip_prefix)
     emit(renderer_for(fmt, "inspect")(report))
     code = exit_code(report, fail_on)
     if code:
