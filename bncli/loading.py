@@ -376,18 +376,17 @@ def _torch_load(path: Path, fmt: str) -> Any:
 
 
 def _unsafe(path: Path, fmt: str, exc: Exception) -> InputError:
-    """Name the globals a refused pickle would import; a refusal without any is damage, not danger."""
+    """Name the globals a refused pickle would import; a refusal without any (or a pickle too damaged to list) is damage."""
     import re
 
-    globals_: list[str] = []
     try:
+        # A complete static scan of the pickle, so that a name cut short by truncation is never reported as a global.
         globals_ = _unsafe_globals(path, fmt)
-    except Exception:  # noqa: BLE001 - listing is best effort; torch's message still names the first one
+    except Exception:  # noqa: BLE001 - a pickle that cannot even be scanned is damaged
         globals_ = []
-    globals_ += re.findall(r"GLOBAL ([\w.]+) was not an allowed global", str(exc))
     if not globals_:
         detail = re.search(r"WeightsUnpickler error: ([^\n]+)", str(exc))
-        first = detail.group(1) if detail else _first_line(exc)
+        first = (detail.group(1) if detail else _first_line(exc)).split(" Please use")[0]  # never advise allowlisting
         return InputError(f"{show(path)}: corrupt or unsupported torch pickle ({first})")
     names = ", ".join(dict.fromkeys(globals_))
     return UnsafeFileError(
