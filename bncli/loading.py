@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +117,7 @@ def _sniff_zip(path: Path) -> str:
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+    except Exception as exc:  # noqa: BLE001 - zipfile raises many types (even NotImplementedError) on damage
         raise InputError(f"{show(path)}: corrupt zip archive ({_first_line(exc)})") from None
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
         raise UnsafeFileError(
@@ -338,11 +339,18 @@ def _no_load_overrides():
 
 def _torch_load(path: Path, fmt: str) -> Any:
     """torch.load with weights_only=True, only after the file's structure has been checked."""
+    p = show(path)
+    with warnings.catch_warnings():
+        # torch warns (pickle protocols, TorchScript...) on stderr; bncli's stderr carries one line per error only.
+        warnings.simplefilter("ignore")
+        return _checked_load(path, p, fmt)
+
+
+def _checked_load(path: Path, p: str, fmt: str) -> Any:
     import pickle
 
     import torch
 
-    p = show(path)
     mmap = False
     try:
         if fmt == "torch-zip":
