@@ -144,23 +144,27 @@ def check_torch_zip(path: Path, *, verify_crc: bool = True) -> TorchZip:
     if pkl.size > cap:
         raise InputError(f"{p}: its pickle (data.pkl) is {human(pkl.size)}, above the {human(cap)} limit (BNCLI_MAX_LOAD_BYTES)")
     if verify_crc:
-        for record in records.values():
-            verify_record_crc(path, record)
+        with path.open("rb") as fh:
+            for record in records.values():
+                verify_record_crc(path, record, fh)
     return TorchZip(root, records)
 
 
-def verify_record_crc(path: Path, record: ZipRecord) -> None:
+def verify_record_crc(path: Path, record: ZipRecord, fh=None) -> None:
     """Read one record and compare its CRC-32 with the archive's: catches flipped bits in tensor data."""
+    if fh is None:
+        with path.open("rb") as own:
+            verify_record_crc(path, record, own)
+        return
     crc = 0
     left = record.size
-    with path.open("rb") as fh:
-        fh.seek(record.data_offset)
-        while left:
-            chunk = fh.read(min(left, 1 << 24))
-            if not chunk:
-                raise InputError(f"{show(path)}: truncated: record {record.name!r} ends past the end of the file")
-            crc = zlib.crc32(chunk, crc)
-            left -= len(chunk)
+    fh.seek(record.data_offset)
+    while left:
+        chunk = fh.read(min(left, 1 << 24))
+        if not chunk:
+            raise InputError(f"{show(path)}: truncated: record {record.name!r} ends past the end of the file")
+        crc = zlib.crc32(chunk, crc)
+        left -= len(chunk)
     if crc != record.crc:
         raise InputError(f"{show(path)}: corrupt: record {record.name!r} fails its CRC-32 check (the file is damaged)")
 
@@ -184,8 +188,8 @@ class Storage:
 def declared_storages(fh) -> dict[str, Storage]:
     """Unpickle a torch pickle with torch's weights-only unpickler, storages on the meta device (no data, no memory).
 
-    Returns every storage the pickle refers to, so that their sizes can be checked against the file before
-    torch maps or allocates them. Raises pickle.UnpicklingError for anything weights_only refuses.
+    Returns every storage the pickle refers to, so that their sizes can be checked against the file before torch
+    allocates them (legacy files are read whole). Raises pickle.UnpicklingError for anything weights_only refuses.
     """
     import torch
     from torch import _utils
@@ -219,22 +223,49 @@ def declared_storages(fh) -> dict[str, Storage]:
     return found
 
 
-def check_zip_storages(path: Path, archive: TorchZip) -> None:
-    """Every storage the pickle declares must be a record of exactly that size: a mapped tensor reads only its own bytes."""
-    import io
+class Unverifiable(Exception):
+    """A loaded tensor whose storage cannot be traced to a record (sparse, quantized...): load it unmapped instead."""
 
-    p = show(path)
-    pkl = read_record(path, archive.records["data.pkl"])
-    storages = declared_storages(io.BytesIO(pkl))
-    for s in storages.values():
-        record = archive.storage(s.key)
-        if record is None:
-            raise InputError(f"{p}: corrupt torch archive: the pickle refers to storage {s.key!r}, which is missing")
-        if record.size != s.nbytes:
-            raise InputError(
-                f"{p}: corrupt torch archive: storage {s.key!r} declares {human(s.nbytes)} ({s.dtype}) "
-                f"but its record holds {human(record.size)}"
-            )
+
+def check_mapped_storages(obj: Any, path: Path, archive: TorchZip) -> None:
+    """After torch.load(mmap=True): every tensor's storage must be exactly one record, at its offset and of its size.
+
+    torch takes each mapped storage's length from the pickle without comparing it with the record, so a pickle that
+    declares more would read the bytes of other records (or past them). Checked here, before any value is read:
+    cheap (no second unpickling), and a mismatch is an error. Raises Unverifiable for tensors it cannot trace.
+    """
+    import torch
+
+    storages: dict[int, set[int]] = {}  # data pointer -> declared lengths
+    seen: set[int] = set()
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            if x.layout != torch.strided or x.is_quantized or x.device.type != "cpu":
+                raise Unverifiable(type(x).__name__)
+            storage = x.untyped_storage()
+            if storage.nbytes():
+                storages.setdefault(storage.data_ptr(), set()).add(storage.nbytes())
+        elif isinstance(x, (dict, list, tuple, set, frozenset)) and id(x) not in seen:
+            seen.add(id(x))  # pickles can build cycles
+            stack.extend(x.values() if isinstance(x, dict) else x)
+    if not storages:
+        return
+    by_offset = {r.data_offset: r for name, r in archive.records.items() if name.startswith("data/") and r.size}
+    if not by_offset:
+        raise InputError(f"{show(path)}: corrupt torch archive: tensors but no data records")
+    base = min(storages) - min(by_offset)  # the mapping's address: the first storage is the first record
+    for ptr in sorted(storages):
+        record = by_offset.get(ptr - base)
+        for nbytes in storages[ptr]:
+            if record is None:
+                raise InputError(f"{show(path)}: corrupt torch archive: a tensor's storage does not start at any record")
+            if nbytes != record.size:
+                raise InputError(
+                    f"{show(path)}: corrupt torch archive: the pickle declares {human(nbytes)} for record "
+                    f"{record.name!r}, which holds {human(record.size)}"
+                )
 
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C

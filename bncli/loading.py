@@ -14,10 +14,11 @@ from typing import Any
 from bncli.archive import (
     LEGACY_MAGIC,
     SAFETENSORS_DTYPES,
+    Unverifiable,
+    check_mapped_storages,
     check_safetensors,
     check_torch_legacy,
     check_torch_zip,
-    check_zip_storages,
     human,
     max_load_bytes,
     show,
@@ -349,19 +350,9 @@ def _torch_load(path: Path, fmt: str) -> Any:
 def _checked_load(path: Path, p: str, fmt: str) -> Any:
     import pickle
 
-    import torch
-
-    mmap = False
     try:
         if fmt == "torch-zip":
             archive = check_torch_zip(path)
-            try:
-                check_zip_storages(path, archive)
-                mmap = True  # every storage is exactly its record: mapping cannot read foreign bytes
-            except (BncliError, pickle.UnpicklingError):
-                raise
-            except Exception:  # noqa: BLE001 - the check could not finish; torch's unmapped reader checks sizes itself
-                mmap = False
         else:
             check_torch_legacy(path)
     except pickle.UnpicklingError as exc:
@@ -370,6 +361,23 @@ def _checked_load(path: Path, p: str, fmt: str) -> Any:
         raise
     except Exception as exc:  # noqa: BLE001 - anything the structure check trips on is damage in the file
         raise InputError(f"{p}: corrupt torch file ({_first_line(exc)})") from None
+    if fmt == "torch-legacy":
+        return _call_torch_load(path, fmt, mmap=False)
+    # Mapped only after the archive passed its checks; the storages are then matched to their records before use.
+    obj = _call_torch_load(path, fmt, mmap=True)
+    try:
+        check_mapped_storages(obj, path, archive)
+    except Unverifiable:
+        # A tensor kind that cannot be traced to its record: read unmapped, where torch compares every size itself.
+        obj = _call_torch_load(path, fmt, mmap=False)
+    return obj
+
+
+def _call_torch_load(path: Path, fmt: str, mmap: bool) -> Any:
+    import pickle
+
+    import torch
+
     try:
         with _no_load_overrides():
             # weights_only=True is passed explicitly, and never a pickle_module: torch refuses every global outside
@@ -378,9 +386,9 @@ def _checked_load(path: Path, p: str, fmt: str) -> Any:
     except pickle.UnpicklingError as exc:
         raise _unsafe(path, fmt, exc) from None
     except MemoryError:
-        raise InputError(f"{p}: not enough memory to load it") from None
+        raise InputError(f"{show(path)}: not enough memory to load it") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged files; all are input errors
-        raise InputError(f"{p}: corrupt or unreadable torch file ({_first_line(exc)})") from None
+        raise InputError(f"{show(path)}: corrupt or unreadable torch file ({_first_line(exc)})") from None
 
 
 def _unsafe(path: Path, fmt: str, exc: Exception) -> InputError:

@@ -189,7 +189,7 @@ def zip_declaring_gigabytes(tmp_path):
     return _write(tmp_path, declare_size(raw, "data/0", 0xF000_0000))
 
 
-@case(3, "corrupt torch archive: storage '0' declares 1.0 KB (float32) but its record holds 16 bytes")
+@case(3, "corrupt torch archive: the pickle declares 1.0 KB for record 'good/data/0', which holds 16 bytes")
 def pickle_larger_than_record(tmp_path):
     raw = _pt(tmp_path, OrderedDict(bn_state()), "good.pt").read_bytes()
     return _write(tmp_path, edit_pickle(raw, b"cpuq\x07K\x04t", b"cpuq\x07K\xfft"))

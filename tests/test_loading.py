@@ -271,7 +271,7 @@ def test_small_file_declaring_gigabytes_refused_cheaply(tmp_path, no_torch_load)
     assert peak < 2_000_000  # the file's 3 MB were never read into memory, let alone 4 GB
 
 
-def test_pickle_declaring_more_than_its_record_refused(tmp_path, no_torch_load):
+def test_pickle_declaring_more_than_its_record_refused(tmp_path):
     good = tmp_path / "good.pt"
     torch.save(OrderedDict(bn_state(4)), good)
     path = tmp_path / "liar.pt"
@@ -279,8 +279,9 @@ def test_pickle_declaring_more_than_its_record_refused(tmp_path, no_torch_load):
     path.write_bytes(edit_pickle(good.read_bytes(), b"cpuq\x07K\x04t", b"cpuq\x07K\xfft"))
     with pytest.raises(InputError) as info:
         load_checkpoint(path)
+    name, _ = record(good.read_bytes(), "data/0")
     assert info.value.message == (
-        f"{path}: corrupt torch archive: storage '0' declares 1.0 KB (float32) but its record holds 16 bytes"
+        f"{path}: corrupt torch archive: the pickle declares 1.0 KB for record {name!r}, which holds 16 bytes"
     )
 
 
