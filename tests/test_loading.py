@@ -310,3 +310,62 @@ def test_flipped_bit_in_tensor_data_caught_by_crc(tmp_path, no_torch_load):
     with pytest.raises(InputError) as info:
         load_checkpoint(path)
     assert info.value.message == f"{path}: corrupt: record {name!r} fails its CRC-32 check (the file is damaged)"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_sparse_and_quantized_tensors_load_unmapped(make_ckpt, monkeypatch):
+    """Tensors whose storage cannot be traced to a record make bncli reload without mmap, where torch checks sizes."""
+    sd = bn_state(4)
+    sd["extra.sparse"] = torch.sparse_coo_tensor([[0, 2]], [1.0, 2.0], (3,))
+    sd["extra.q"] = torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.quint8)
+    path = make_ckpt(sd)
+    calls = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k["mmap"]) or real(*a, **k))
+    ckpt = load_checkpoint(path)
+    assert calls == [True, False]
+    np.testing.assert_array_equal(ckpt.read("bn.running_var"), sd["bn.running_var"].numpy())
+
+
+def test_mapped_storages_checked_before_use(make_ckpt, monkeypatch):
+    calls = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k["mmap"]) or real(*a, **k))
+    load_checkpoint(make_ckpt(bn_state()))
+    assert calls == [True]  # a plain state dict is mapped once, never read twice
+
+
+def test_legacy_storage_size_lie(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(bn_state(4), good, _use_new_zipfile_serialization=False)
+    raw = bytearray(good.read_bytes())
+    # The first storage's 8-byte element count sits right after the pickles; claim 5 elements instead of 4.
+    at = raw.index(b"\x04\x00\x00\x00\x00\x00\x00\x00", len(raw) - 5 * 8 - 4 * 4 * 4 - 8)
+    raw[at] = 5
+    path = tmp_path / "liar.pt"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match=r"liar\.pt: corrupt legacy torch file: storage '\d+' declares two different sizes$"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_in_memory_cap(make_ckpt, tmp_path, monkeypatch, legacy):
+    path = tmp_path / "m.pt"
+    torch.save(bn_state(64), path, _use_new_zipfile_serialization=not legacy)
+    monkeypatch.setenv("BNCLI_MAX_LOAD_BYTES", "400")
+    with pytest.raises(InputError) as info:
+        load_checkpoint(path)
+    if legacy:
+        assert info.value.message == f"{path}: declares 1.0 KB of tensors, above the 400 bytes limit (BNCLI_MAX_LOAD_BYTES)"
+    else:
+        assert info.value.message.startswith(f"{path}: its pickle (data.pkl) is ")
+        assert info.value.message.endswith("above the 400 bytes limit (BNCLI_MAX_LOAD_BYTES)")
+
+
+def test_npz_declaring_more_than_the_cap(tmp_path, monkeypatch):
+    path = tmp_path / "zeros.npz"
+    np.savez_compressed(path, x=np.zeros((1, 1, 1000, 1000), np.float32))  # 4 MB that compresses to a few KB
+    monkeypatch.setenv("BNCLI_MAX_LOAD_BYTES", "1000000")
+    with pytest.raises(InputError) as info:
+        load_tensor(path)
+    assert info.value.message == f"{path}: declares 4.0 MB of arrays, above the limit (BNCLI_MAX_LOAD_BYTES)"
