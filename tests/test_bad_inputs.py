@@ -232,6 +232,21 @@ def torchscript(tmp_path):
     return path
 
 
+@case(3, "corrupt torch archive: the pickle declares")
+def pickle_past_end_of_file(tmp_path):
+    raw = _pt(tmp_path, OrderedDict(bn_state()), "good.pt").read_bytes()
+    # num_batches_tracked's storage, the last record, claims 255 int64 values: mapped, it would run past the file
+    return _write(tmp_path, edit_pickle(raw, b"4q(h\x07K\x01t", b"4q(h\x07K\xfft"))
+
+
+@case(3, "corrupt legacy torch file: storage")
+def legacy_size_header_lies(tmp_path):
+    raw = bytearray(_pt(tmp_path, bn_state(4), "good.pt", legacy=True).read_bytes())
+    at = raw.index(b"\x04\x00\x00\x00\x00\x00\x00\x00", len(raw) - 5 * 8 - 4 * 4 * 4 - 8)
+    raw[at] = 7
+    return _write(tmp_path, bytes(raw))
+
+
 # --------------------------------------------------------------------------- damaged safetensors
 
 
@@ -298,6 +313,17 @@ def st_float8_statistics(tmp_path):
         "bn.running_var": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [2, 4]},
     }
     return _write(tmp_path, st(header, b"\x38\x38\x38\x38"))
+
+
+@case(3, "corrupt safetensors file: its header is not valid JSON (maximum recursion depth exceeded")
+def st_deeply_nested_header(tmp_path):
+    return _write(tmp_path, st({}, b"", raw_header=b"{" + b'"a":' * 1 + b"[" * 100_000 + b"]" * 100_000 + b"}"))
+
+
+@case(3, "corrupt safetensors file: __metadata__ must map strings to strings")
+def st_bad_metadata(tmp_path):
+    header = {"__metadata__": {"format": 3}, "bn.running_var": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    return _write(tmp_path, st(header, f32([1])))
 
 
 # --------------------------------------------------------------------------- wrong contents
