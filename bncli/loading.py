@@ -379,16 +379,35 @@ def _call_torch_load(path: Path, fmt: str, mmap: bool) -> Any:
     import torch
 
     try:
-        with _no_load_overrides():
+        with _no_load_overrides(), _utf8_path(path) as source:
             # weights_only=True is passed explicitly, and never a pickle_module: torch refuses every global outside
             # its allowlist, so nothing in the file can run code.
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise _unsafe(path, fmt, exc) from None
     except MemoryError:
         raise InputError(f"{show(path)}: not enough memory to load it") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged files; all are input errors
         raise InputError(f"{show(path)}: corrupt or unreadable torch file ({_first_line(exc)})") from None
+
+
+@contextlib.contextmanager
+def _utf8_path(path: Path):
+    """A name torch's C++ side can take: a file name that is not UTF-8 is reached through /proc/self/fd instead."""
+    try:
+        str(path).encode("utf-8")
+        yield path
+        return
+    except UnicodeEncodeError:
+        pass
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        alias = f"/proc/self/fd/{fd}"
+        if not os.path.exists(alias):
+            raise InputError(f"{show(path)}: cannot load a file whose name is not UTF-8 on this system; rename it")
+        yield alias
+    finally:
+        os.close(fd)
 
 
 def _unsafe(path: Path, fmt: str, exc: Exception) -> InputError:
@@ -416,7 +435,8 @@ def _unsafe_globals(path: Path, fmt: str) -> list[str]:
     from torch import _weights_only_unpickler as wo
 
     if fmt == "torch-zip":
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        with path.open("rb") as fh:  # a file object: torch's C++ reader cannot take a file name that is not UTF-8
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(fh))
     allowed = set(wo._get_allowed_globals()) | set(wo._get_user_allowed_globals())
     with path.open("rb") as fh:
         for _ in range(3):  # magic number, protocol version, sys info

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tracemalloc
 from collections import OrderedDict
 
@@ -369,3 +370,12 @@ def test_npz_declaring_more_than_the_cap(tmp_path, monkeypatch):
     with pytest.raises(InputError) as info:
         load_tensor(path)
     assert info.value.message == f"{path}: declares 4.0 MB of arrays, above the limit (BNCLI_MAX_LOAD_BYTES)"
+
+
+@pytest.mark.parametrize("how", ["zip", "legacy", "st"])
+def test_file_name_not_utf8(tmp_path, how):
+    """torch's C++ reader cannot take such a name; bncli still loads the file and prints the name escaped."""
+    path = _save(bn_state(), tmp_path / os.fsdecode(b"mod\xe8le.pt"), how)
+    ckpt = load_checkpoint(path)
+    assert ckpt.provenance.path == str(tmp_path) + "/mod\\xe8le.pt"
+    np.testing.assert_array_equal(ckpt.read("bn.running_var"), bn_state()["bn.running_var"].numpy())
