@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from badfiles import fix_crc, record
 from conftest import bn_state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -62,6 +63,21 @@ def damaged(draw, seed: bytes):
     return bytes(data)
 
 
+@st.composite
+def lying_pickle(draw):
+    """Damage only data.pkl inside a zip checkpoint, then fix its CRC: the archive is sound, the pickle lies."""
+    seed = SEEDS["zip"]
+    _, r = record(seed, "data.pkl")
+    data = bytearray(seed)
+    for _ in range(draw(st.integers(1, 4))):
+        at = r["data"] + draw(st.integers(0, r["size"] - 1))
+        if draw(st.booleans()):
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        else:
+            data[at] = draw(st.integers(0, 255))
+    return bytes(fix_crc(data, "data.pkl"))
+
+
 def _exercise(data: bytes) -> None:
     """Load as a checkpoint, read every layer, load as a tensor: any failure must be a BncliError."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,6 +99,15 @@ def _exercise(data: bytes) -> None:
 def test_damaged_files_raise_only_bncli_errors(fmt):
     @settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 40, suppress_health_check=list(HealthCheck))
     @given(damaged(SEEDS[fmt]))
+    def run(data):
+        _exercise(data)
+
+    run()
+
+
+def test_lying_pickles_raise_only_bncli_errors():
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 40, suppress_health_check=list(HealthCheck))
+    @given(lying_pickle())
     def run(data):
         _exercise(data)
 
