@@ -14,7 +14,6 @@ from typing import Any
 from bncli.archive import (
     LEGACY_MAGIC,
     SAFETENSORS_DTYPES,
-    Unverifiable,
     check_mapped_storages,
     check_safetensors,
     check_torch_legacy,
@@ -142,7 +141,7 @@ def _describe(head: bytes, size: int) -> str:
     if head.startswith(b"\x1f\x8b"):
         return "gzip-compressed data; decompress it first"
     if head[257:262] == b"ustar":
-        return "tar archive; extract it first"
+        return "tar archive; extract it first (torch checkpoints from before 2018 were tar files: not supported)"
     if head.startswith(b"GGUF"):
         return "GGUF (llama.cpp)"
     if head[:1] == b"\x08" and size > 16:
@@ -367,8 +366,10 @@ def _checked_load(path: Path, p: str, fmt: str) -> Any:
     obj = _call_torch_load(path, fmt, mmap=True)
     try:
         check_mapped_storages(obj, path, archive)
-    except Unverifiable:
-        # A tensor kind that cannot be traced to its record: read unmapped, where torch compares every size itself.
+    except BncliError:
+        raise
+    except Exception:  # noqa: BLE001 - Unverifiable, or a tensor kind that cannot even be asked for its storage
+        # Read unmapped instead, where torch compares every storage with its record itself.
         obj = _call_torch_load(path, fmt, mmap=False)
     return obj
 
@@ -383,6 +384,8 @@ def _call_torch_load(path: Path, fmt: str, mmap: bool) -> Any:
             # weights_only=True is passed explicitly, and never a pickle_module: torch refuses every global outside
             # its allowlist, so nothing in the file can run code.
             return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
+    except BncliError:
+        raise
     except pickle.UnpicklingError as exc:
         raise _unsafe(path, fmt, exc) from None
     except MemoryError:
@@ -396,10 +399,11 @@ def _utf8_path(path: Path):
     """A name torch's C++ side can take: a file name that is not UTF-8 is reached through /proc/self/fd instead."""
     try:
         str(path).encode("utf-8")
-        yield path
-        return
     except UnicodeEncodeError:
         pass
+    else:
+        yield path
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         alias = f"/proc/self/fd/{fd}"

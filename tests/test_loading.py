@@ -379,3 +379,16 @@ def test_file_name_not_utf8(tmp_path, how):
     ckpt = load_checkpoint(path)
     assert ckpt.provenance.path == str(tmp_path) + "/mod\\xe8le.pt"
     np.testing.assert_array_equal(ckpt.read("bn.running_var"), bn_state()["bn.running_var"].numpy())
+
+
+@pytest.mark.parametrize("how", ["zip", "legacy"])
+def test_checkpoint_saved_on_gpu_loads_on_cpu(tmp_path, monkeypatch, how):
+    """Storages tagged 'cuda:0' (as a GPU run saves them) load on a machine without a GPU."""
+    import torch.serialization
+
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+    path = _save(bn_state(), tmp_path / "gpu.pt", how)
+    monkeypatch.undo()
+    assert b"cuda:0" in path.read_bytes()  # the pickle (stored uncompressed in a zip too) names the GPU
+    ckpt = load_checkpoint(path)
+    np.testing.assert_array_equal(ckpt.read("bn.running_var"), bn_state()["bn.running_var"].numpy())
