@@ -29,7 +29,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException as exc:
+    except BaseException as exc:  # KeyboardInterrupt too: the temporary file must not outlive the write
         with suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(exc, IsADirectoryError):
@@ -37,6 +37,21 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         if isinstance(exc, OSError) and not isinstance(exc, InterruptedError):
             raise InputError(f"{path}: cannot write: {exc.strerror or exc}") from None
         raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable; some systems cannot open a folder for this, which is harmless."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -73,6 +73,7 @@ def inspect_files(
     thresholds: Thresholds = Thresholds(),
     selected: frozenset[str] = ALL_IDS,
     require_bn: bool = False,
+    strip_prefix: str | None = None,
 ) -> InspectReport:
     """Audit every input; an unreadable one becomes a FileReport with `error` set instead of stopping the rest."""
     files = []
@@ -82,7 +83,15 @@ def inspect_files(
             continue
         try:
             files.append(
-                inspect_file(p, layer=layer, state=state, thresholds=thresholds, selected=selected, require_bn=require_bn)
+                inspect_file(
+                    p,
+                    layer=layer,
+                    state=state,
+                    thresholds=thresholds,
+                    selected=selected,
+                    require_bn=require_bn,
+                    strip_prefix=strip_prefix,
+                )
             )
         except InputError as exc:
             files.append(FileReport.unreadable(os.fspath(p), exc.message))
@@ -97,9 +106,10 @@ def inspect_file(
     thresholds: Thresholds = Thresholds(),
     selected: frozenset[str] = ALL_IDS,
     require_bn: bool = False,
+    strip_prefix: str | None = None,
 ) -> FileReport:
     """Audit one checkpoint; with `layer`, report only that layer, channel by channel."""
-    ckpt = load_checkpoint(Path(path), state=state)
+    ckpt = load_checkpoint(Path(path), state=state, strip_prefix=strip_prefix)
     keys = find_layers(ckpt)
     if layer is not None:
         keys = [select_layer(keys, layer, ckpt.provenance.path)]

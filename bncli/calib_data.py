@@ -141,7 +141,8 @@ def _open_tensor(path: Path, key: str | None) -> tuple[Any, str, str | None, str
     """The file's tensor as something sliceable without reading it all (numpy memmap, safetensors slice,
     mmapped torch tensor), plus its format, the key used and its dtype name. `key` names the tensor in files
     of named tensors; unnamed ones (.npy, a bare torch tensor) ignore it, so mixed --data lists work."""
-    from bncli.loading import SAFETENSORS_DTYPES, _choose_key, _first_line, _torch_load, sniff
+    from bncli.archive import SAFETENSORS_DTYPES, check_safetensors
+    from bncli.loading import _choose_key, _first_line, _torch_load, sniff
 
     fmt = sniff(path)
     if fmt == "npy":
@@ -153,6 +154,7 @@ def _open_tensor(path: Path, key: str | None) -> tuple[Any, str, str | None, str
             raise InputError(f"{path}: unreadable .npy file ({_first_line(exc)})") from None
         return array, fmt, None, str(array.dtype)
     if fmt == "safetensors":
+        check_safetensors(path)  # the same header checks as for checkpoints, before safetensors maps the file
         try:
             from safetensors import safe_open
 
@@ -164,7 +166,7 @@ def _open_tensor(path: Path, key: str | None) -> tuple[Any, str, str | None, str
         except Exception as exc:
             raise InputError(f"{path}: corrupt safetensors file ({_first_line(exc)})") from None
         code = piece.get_dtype()
-        return _Sliceable(handle, piece), fmt, name, SAFETENSORS_DTYPES.get(code, code.lower())
+        return _Sliceable(handle, piece), fmt, name, SAFETENSORS_DTYPES[code][0] if code in SAFETENSORS_DTYPES else code.lower()
     if fmt in ("torch-zip", "torch-legacy"):
         import torch
 

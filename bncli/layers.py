@@ -15,7 +15,9 @@ if TYPE_CHECKING:
     from bncli.loading import Checkpoint
 
 BUFFERS = ("running_mean", "running_var", "weight", "bias", "num_batches_tracked")
-ROOT = "<root>"  # the name shown for a layer whose keys have no prefix at all
+ROOT = "<root>"
+# The dtypes bncli reads statistics in; float16/bfloat16 are widened to float32 on reading (loading.Checkpoint.read).
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")  # the name shown for a layer whose keys have no prefix at all
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,11 @@ def read_layer(ckpt: Checkpoint, keys: LayerKeys) -> BNLayer:
             arrays[field] = None
             continue
         dtype = ckpt.dtype(key)
-        if not dtype.startswith(("float", "bfloat")):
-            raise InputError(f"{path}: {key} has dtype {dtype}; BatchNorm parameters and statistics must be floating point")
+        if dtype not in FLOAT_DTYPES:
+            raise InputError(
+                f"{path}: {key} has dtype {dtype}; BatchNorm parameters and statistics must be "
+                "float16, bfloat16, float32 or float64"
+            )
         array = ckpt.read(key)
         if array.ndim > 1:
             raise InputError(f"{path}: {key} has shape {tuple(array.shape)}; BatchNorm tensors are 1-D (num_features,)")

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import re
-import struct
+import stat
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bncli.errors import InputError, UnsafeFileError
+from bncli.archive import (
+    LEGACY_MAGIC,
+    SAFETENSORS_DTYPES,
+    check_mapped_storages,
+    check_safetensors,
+    check_torch_legacy,
+    check_torch_zip,
+    human,
+    max_load_bytes,
+    show,
+)
+from bncli.errors import BncliError, InputError, UnsafeFileError
 
 # Keys under which training scripts commonly nest the model's state dict, in order of preference:
 # the main model before its EMA copy, so that a checkpoint holding both reports the model.
@@ -31,65 +42,73 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".th")
 
-# safetensors dtype codes -> the names torch uses, which bncli reports everywhere.
-SAFETENSORS_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
+# Environment variables that change torch.load's weights_only default; bncli hides them during a load so that
+# neither can turn safety off, nor (both set at once) make every load fail.
+TORCH_LOAD_OVERRIDES = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+
+REFUSAL_ADVICE = (
+    "Re-save only the weights where you trust the file (torch.save(model.state_dict(), ...)) "
+    "or convert it to safetensors"
+)
 
 
 @dataclass(frozen=True)
 class Provenance:
     """Where a mapping came from: the file, how it was stored, and what wrapping was removed."""
 
-    path: str
+    path: str  # printable: bytes that are not UTF-8 appear as \xNN
     format: str  # torch-zip | torch-legacy | safetensors | npy | npz
     container: str | None = None  # key path of the nested state dict, e.g. "state_dict"
     prefix: str | None = None  # prefix stripped from every key, e.g. "module."
+    alternatives: tuple[str, ...] = ()  # other state dicts in the file (e.g. "state_dict_ema"), for --state
 
 
 # --------------------------------------------------------------------------- sniffing
 
 
 def sniff(path: Path) -> str:
-    """Name the file's format from its first bytes; raise InputError for anything bncli cannot read."""
-    _check_readable(path)
+    """Name the file's format from its first bytes (never its name); raise InputError for anything bncli cannot read."""
+    path = Path(path)
+    size = _check_readable(path)
     with path.open("rb") as fh:
-        head = fh.read(64)
-    size = path.stat().st_size
+        head = fh.read(512)
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         return _sniff_zip(path)
     if head.startswith(b"\x93NUMPY"):
         return "npy"
     if head[:1] == b"\x80" and len(head) >= 2 and 2 <= head[1] <= 5:
-        return "torch-legacy"
-    if len(head) >= 10 and head[8:9] == b"{":
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if header_len <= size - 8:
-            return "safetensors"
+        magic = b"\x8a\x0a" + LEGACY_MAGIC.to_bytes(10, "little")
+        if head[2:14] == magic or head[11:23] == magic:  # protocol 4+ puts an 8-byte FRAME first
+            return "torch-legacy"
         raise InputError(
-            f"{path}: corrupt safetensors file: its header claims {header_len} bytes but the file has {size}"
+            f"{show(path)}: a Python pickle that torch.save did not write; bncli never unpickles arbitrary files. "
+            "Save the tensors with torch.save or safetensors"
         )
-    raise InputError(f"{path}: not a checkpoint bncli can read (looks like: {_describe(head, size)})")
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    raise InputError(f"{show(path)}: not a checkpoint bncli can read (looks like: {_describe(head, size)})")
 
 
-def _check_readable(path: Path) -> None:
+def _check_readable(path: Path) -> int:
+    p = show(path)
     if path.is_symlink() and not path.exists():
-        raise InputError(f"{path}: broken symbolic link (points to {os.readlink(path)})")
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, not a file")
+        raise InputError(f"{p}: broken symbolic link (points to {show(os.readlink(path))})")
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such file") from None
+    except NotADirectoryError:
+        raise InputError(f"{p}: no such file (a parent is not a folder)") from None
+    except OSError as exc:
+        raise InputError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{p}: is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        # A FIFO or a device would block or never end: only regular files are read.
+        raise InputError(f"{p}: not a regular file (a pipe, socket or device)")
     if not os.access(path, os.R_OK):
-        raise InputError(f"{path}: permission denied")
+        raise InputError(f"{p}: permission denied")
+    return st.st_size
 
 
 def _sniff_zip(path: Path) -> str:
@@ -98,18 +117,18 @@ def _sniff_zip(path: Path) -> str:
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise InputError(f"{path}: corrupt zip archive ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - zipfile raises many types (even NotImplementedError) on damage
+        raise InputError(f"{show(path)}: corrupt zip archive ({_first_line(exc)})") from None
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
         raise UnsafeFileError(
-            f"{path}: a TorchScript archive; bncli never runs TorchScript code. "
+            f"{show(path)}: a TorchScript archive; bncli never runs TorchScript code. "
             "Save model.state_dict() with torch.save, or convert it to safetensors"
         )
     if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         return "torch-zip"
     if names and all(n.endswith(".npy") for n in names):
         return "npz"
-    raise InputError(f"{path}: not a checkpoint bncli can read (looks like: zip archive without data.pkl)")
+    raise InputError(f"{show(path)}: not a checkpoint bncli can read (looks like: zip archive without data.pkl)")
 
 
 def _describe(head: bytes, size: int) -> str:
@@ -119,13 +138,19 @@ def _describe(head: bytes, size: int) -> str:
         return "Git LFS pointer; run `git lfs pull` to fetch the real file"
     if head.startswith(b"\x89HDF"):
         return "HDF5 (Keras .h5?)"
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip-compressed data; decompress it first"
+    if head[257:262] == b"ustar":
+        return "tar archive; extract it first (torch checkpoints from before 2018 were tar files: not supported)"
+    if head.startswith(b"GGUF"):
+        return "GGUF (llama.cpp)"
     if head[:1] == b"\x08" and size > 16:
-        return "protobuf, perhaps ONNX"
+        return "protobuf, perhaps ONNX or a TensorFlow graph"
     try:
-        head.decode("utf-8")
+        text = head.decode("utf-8")
     except UnicodeDecodeError:
         return "unknown binary data"
-    return "text"
+    return "JSON text" if text.lstrip().startswith(("{", "[")) else "text"
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -149,60 +174,93 @@ class Checkpoint(Mapping[str, Any]):
         return len(self._entries)
 
     def dtype(self, name: str) -> str:
+        """The dtype as stored, e.g. "bfloat16", even though read() widens it."""
         return self._reader.dtype(self._entries[name])
 
     def read(self, name: str):
-        """The value as a numpy array; bfloat16 is widened to float32 since numpy has no bfloat16."""
-        return self._reader.read(self._entries[name])
+        """The value as a numpy array; float16 and bfloat16 are widened to float32 so statistics are computed in float32+."""
+        try:
+            return self._reader.read(self._entries[name])
+        except BncliError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure to decode a value from the file is an input error
+            raise InputError(f"{self.provenance.path}: cannot read {name} ({_first_line(exc)})") from None
 
 
-def load_checkpoint(path: str | os.PathLike, state: str | None = None) -> Checkpoint:
-    """Open a checkpoint of any supported format and return its (unwrapped) state dict."""
+def load_checkpoint(path: str | os.PathLike, state: str | None = None, strip_prefix: str | None = None) -> Checkpoint:
+    """Open a checkpoint of any supported format and return its (unwrapped) state dict.
+
+    `state` picks the nested state dict by key (dots walk into nested dicts); `strip_prefix` removes a prefix
+    that every key must share (e.g. "model." in a Lightning checkpoint), after the wrapper prefixes.
+    """
     path = Path(path)
     fmt = sniff(path)
+    alternatives: tuple[str, ...] = ()
     if fmt == "safetensors":
+        if state is not None:
+            raise InputError(f"{show(path)}: --state does not apply to safetensors files, which hold one flat mapping")
         entries, reader = _open_safetensors(path)
         container = None
-        if state is not None:
-            raise InputError(f"{path}: --state does not apply to safetensors files, which hold one flat mapping")
     elif fmt in ("torch-zip", "torch-legacy"):
         obj = _torch_load(path, fmt)
-        flat, container = find_state_dict(obj, path, state)
+        flat, container, alternatives = find_state_dict(obj, path, state)
         entries, reader = dict(flat), _TorchReader()
-    elif fmt in ("npy", "npz"):
-        raise InputError(f"{path}: a numpy {fmt} file holds tensors, not a checkpoint; use `bncli normalize` for tensors")
-    else:  # pragma: no cover - sniff returns only the formats above
-        raise InputError(f"{path}: unsupported format {fmt}")
-    entries, prefix = strip_prefixes(entries)
-    return Checkpoint(Provenance(str(path), fmt, container, prefix), entries, reader)
+    else:  # npy, npz
+        raise InputError(f"{show(path)}: a numpy {fmt} file holds tensors, not a checkpoint; use `bncli normalize` for tensors")
+    entries, prefix = strip_prefixes(entries, strip_prefix, show(path))
+    return Checkpoint(Provenance(show(path), fmt, container, prefix, alternatives), entries, reader)
 
 
-def find_state_dict(obj: Any, path: Path, state: str | None = None) -> tuple[Mapping[str, Any], str | None]:
-    """Locate the state dict inside common checkpoint wrappings; return it and the key path used."""
+def find_state_dict(obj: Any, path: Path, state: str | None = None) -> tuple[Mapping[str, Any], str | None, tuple[str, ...]]:
+    """Locate the state dict inside common wrappings; return it, the key path used, and the other candidates."""
+    p = show(path)
+    candidates = _candidates(obj)
     if state is not None:
-        node = obj
-        for part in state.split("."):
-            if not isinstance(node, Mapping) or part not in node:
-                raise InputError(f"{path}: no key {state!r} in the checkpoint; top-level keys: {_keys(obj)}")
-            node = node[part]
+        node = _walk(obj, state)
+        if node is None:
+            hint = f"; state dicts found: {', '.join(candidates)}" if candidates else ""
+            raise InputError(f"{p}: no key {state!r} in the checkpoint; top-level keys: {_keys(obj)}{hint}")
         if not _is_state_dict(node):
-            raise InputError(f"{path}: {state!r} is not a state dict of tensors")
-        return node, state
+            raise InputError(f"{p}: {state!r} is not a state dict of tensors (it holds a {type(node).__name__})")
+        return node, state, tuple(c for c in candidates if c != state)
     if _is_state_dict(obj):
-        return obj, None
+        return obj, None, ()
+    if candidates:
+        return _walk(obj, candidates[0]), candidates[0], tuple(candidates[1:])
     if isinstance(obj, Mapping):
-        for key in CONTAINER_KEYS:
-            inner = obj.get(key)
-            if _is_state_dict(inner):
-                return inner, key
-            if isinstance(inner, Mapping):
-                for sub in CONTAINER_KEYS:
-                    if _is_state_dict(inner.get(sub)):
-                        return inner[sub], f"{key}.{sub}"
-        raise InputError(f"{path}: no state dict of tensors found; top-level keys: {_keys(obj)}")
+        others = [str(k) for k, v in obj.items() if _is_state_dict(v)]
+        hint = f"; choose one with --state: {', '.join(others)}" if others else ""
+        raise InputError(f"{p}: no state dict of tensors found; top-level keys: {_keys(obj)}{hint}")
     if _is_tensor(obj):
-        raise InputError(f"{path}: holds a single tensor, not a checkpoint; use `bncli normalize` for tensors")
-    raise InputError(f"{path}: holds a {type(obj).__name__} at the top level, not a state dict")
+        raise InputError(f"{p}: holds a single tensor, not a checkpoint; use `bncli normalize` for tensors")
+    raise InputError(f"{p}: holds a {type(obj).__name__} at the top level, not a state dict")
+
+
+def _candidates(obj: Any) -> list[str]:
+    """Key paths of state dicts under the usual container keys, one level deep too, in order of preference.
+
+    Lightning's callbacks and optimizer_states also hold tensors but are not container keys, so they never count.
+    """
+    found = []
+    if not isinstance(obj, Mapping) or _is_state_dict(obj):
+        return found
+    for key in CONTAINER_KEYS:
+        inner = obj.get(key)
+        if _is_state_dict(inner):
+            found.append(key)
+        elif isinstance(inner, Mapping):
+            found.extend(f"{key}.{sub}" for sub in CONTAINER_KEYS if _is_state_dict(inner.get(sub)))
+    return found
+
+
+def _walk(obj: Any, state: str) -> Any:
+    """obj[state], or obj[a][b] for "a.b"; a key that itself contains dots is tried whole first."""
+    if isinstance(obj, Mapping) and state in obj:
+        return obj[state]
+    head, dot, rest = state.partition(".")
+    if dot and isinstance(obj, Mapping) and head in obj:
+        return _walk(obj[head], rest)
+    return None
 
 
 def _keys(obj: Any) -> str:
@@ -237,57 +295,157 @@ def _is_state_dict(obj: Any) -> bool:
     return has_tensor
 
 
-def strip_prefixes(entries: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """Remove wrapper prefixes that every key shares ('module.', '_orig_mod.'), repeatedly."""
+def strip_prefixes(entries: dict[str, Any], extra: str | None = None, where: str = "") -> tuple[dict[str, Any], str | None]:
+    """Remove prefixes that every key shares: 'module.', '_orig_mod.' (repeatedly) and `extra` once, when given.
+
+    `extra` may omit its trailing dot ("model" strips "model."); if not every key starts with it, that is an error.
+    """
     stripped = ""
+    pending = extra or None
     changed = True
     while changed and entries:
         changed = False
-        for prefix in WRAPPER_PREFIXES:
+        options = list(WRAPPER_PREFIXES)
+        if pending:
+            options += [pending] if pending.endswith(".") else [pending + ".", pending]
+        for prefix in options:
             if all(k.startswith(prefix) for k in entries):
                 entries = {k[len(prefix) :]: v for k, v in entries.items()}
                 stripped += prefix
                 changed = True
+                if pending and prefix in (pending, pending + "."):
+                    pending = None
+                break
+    if pending:
+        odd = next((k for k in entries if not k.startswith(pending)), None)
+        count = sum(k.startswith(pending) for k in entries)
+        raise InputError(
+            f"{where}: cannot strip prefix {pending!r}: only {count} of {len(entries)} keys start with it (not {odd!r})"
+        )
     return entries, (stripped or None)
 
 
 # --------------------------------------------------------------------------- torch files
 
 
+@contextlib.contextmanager
+def _no_load_overrides():
+    saved = {name: os.environ.pop(name) for name in TORCH_LOAD_OVERRIDES if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def _torch_load(path: Path, fmt: str) -> Any:
+    """torch.load with weights_only=True, only after the file's structure has been checked."""
+    p = show(path)
+    with warnings.catch_warnings():
+        # torch warns (pickle protocols, TorchScript...) on stderr; bncli's stderr carries one line per error only.
+        warnings.simplefilter("ignore")
+        return _checked_load(path, p, fmt)
+
+
+def _checked_load(path: Path, p: str, fmt: str) -> Any:
+    import pickle
+
+    try:
+        if fmt == "torch-zip":
+            archive = check_torch_zip(path)
+        else:
+            check_torch_legacy(path)
+    except pickle.UnpicklingError as exc:
+        raise _unsafe(path, fmt, exc) from None
+    except BncliError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything the structure check trips on is damage in the file
+        raise InputError(f"{p}: corrupt torch file ({_first_line(exc)})") from None
+    if fmt == "torch-legacy":
+        return _call_torch_load(path, fmt, mmap=False)
+    # Mapped only after the archive passed its checks; the storages are then matched to their records before use.
+    obj = _call_torch_load(path, fmt, mmap=True)
+    try:
+        check_mapped_storages(obj, path, archive)
+    except BncliError:
+        raise
+    except Exception:  # noqa: BLE001 - Unverifiable, or a tensor kind that cannot even be asked for its storage
+        # Read unmapped instead, where torch compares every storage with its record itself.
+        obj = _call_torch_load(path, fmt, mmap=False)
+    return obj
+
+
+def _call_torch_load(path: Path, fmt: str, mmap: bool) -> Any:
     import pickle
 
     import torch
 
     try:
-        # weights_only=True is passed explicitly so no environment variable can turn it off.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=(fmt == "torch-zip"))
+        with _no_load_overrides(), _utf8_path(path) as source:
+            # weights_only=True is passed explicitly, and never a pickle_module: torch refuses every global outside
+            # its allowlist, so nothing in the file can run code.
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
+    except BncliError:
+        raise
     except pickle.UnpicklingError as exc:
         raise _unsafe(path, fmt, exc) from None
-    except (RuntimeError, EOFError, ValueError, OSError, KeyError, TypeError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: corrupt or unreadable torch file ({first})") from None
+    except MemoryError:
+        raise InputError(f"{show(path)}: not enough memory to load it") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged files; all are input errors
+        raise InputError(f"{show(path)}: corrupt or unreadable torch file ({_first_line(exc)})") from None
+
+
+@contextlib.contextmanager
+def _utf8_path(path: Path):
+    """A name torch's C++ side can take: a file name that is not UTF-8 is reached through /proc/self/fd instead."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        yield path
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        alias = f"/proc/self/fd/{fd}"
+        if not os.path.exists(alias):
+            raise InputError(f"{show(path)}: cannot load a file whose name is not UTF-8 on this system; rename it")
+        yield alias
+    finally:
+        os.close(fd)
 
 
 def _unsafe(path: Path, fmt: str, exc: Exception) -> InputError:
-    globals_: list[str] = []
-    if fmt == "torch-zip":
-        import torch
+    """Name the globals a refused pickle would import; a refusal without any (or a pickle too damaged to list) is damage."""
+    import re
 
-        try:
-            globals_ = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-        except Exception:  # noqa: BLE001 - fall back to the names in torch's message
-            globals_ = []
+    try:
+        # A complete static scan of the pickle, so that a name cut short by truncation is never reported as a global.
+        globals_ = _unsafe_globals(path, fmt)
+    except Exception:  # noqa: BLE001 - a pickle that cannot even be scanned is damaged
+        globals_ = []
     if not globals_:
-        globals_ = re.findall(r"GLOBAL ([\w.]+)", str(exc))
-    if not globals_:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "corrupt pickle"
-        return InputError(f"{path}: corrupt or unsafe torch pickle ({first})")
+        detail = re.search(r"WeightsUnpickler error: ([^\n]+)", str(exc))
+        first = (detail.group(1) if detail else _first_line(exc)).split(" Please use")[0]  # never advise allowlisting
+        return InputError(f"{show(path)}: corrupt or unsupported torch pickle ({first})")
     names = ", ".join(dict.fromkeys(globals_))
     return UnsafeFileError(
-        f"{path}: refused: loading it would import {names}, which can run arbitrary code. "
-        "Re-save only the weights (torch.save(model.state_dict(), ...)) or convert the file to safetensors"
+        f"{show(path)}: refused: it holds pickled objects that would import {names}; bncli loads only tensors and "
+        f"plain containers, because importing other globals can run arbitrary code. {REFUSAL_ADVICE}"
     )
+
+
+def _unsafe_globals(path: Path, fmt: str) -> list[str]:
+    import torch
+    from torch import _weights_only_unpickler as wo
+
+    if fmt == "torch-zip":
+        with path.open("rb") as fh:  # a file object: torch's C++ reader cannot take a file name that is not UTF-8
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(fh))
+    allowed = set(wo._get_allowed_globals()) | set(wo._get_user_allowed_globals())
+    with path.open("rb") as fh:
+        for _ in range(3):  # magic number, protocol version, sys info
+            wo.load(fh, encoding="utf-8")
+        return sorted(g for g in wo.get_globals_in_pkl(fh) if g not in allowed)
 
 
 class _TorchReader:
@@ -305,8 +463,8 @@ class _TorchReader:
             import torch
 
             value = value.detach()
-            if value.dtype == torch.bfloat16:
-                value = value.float()
+            if value.dtype in (torch.bfloat16, torch.float16):
+                value = value.float()  # exact; statistics in float16 would underflow below eps
             return value.numpy().copy()
         return np.array(value)
 
@@ -315,54 +473,36 @@ class _TorchReader:
 
 
 def _open_safetensors(path: Path) -> tuple[dict[str, Any], _SafetensorsReader]:
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="numpy") as f:
-            infos = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own SafetensorError for every kind of damage
-        raise InputError(f"{path}: corrupt safetensors file ({_first_line(exc)})") from None
-    header = _safetensors_header(path)
-    order = sorted(infos, key=lambda k: header[k]["data_offsets"][0])  # file order, not sorted names
-    return {k: k for k in order}, _SafetensorsReader(path, infos, header)
-
-
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    with path.open("rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    header.pop("__metadata__", None)
-    header["__data_start__"] = 8 + n
-    return header
+    header = check_safetensors(path)  # in file order
+    return {k: k for k in header}, _SafetensorsReader(path, header)
 
 
 class _SafetensorsReader:
-    def __init__(self, path: Path, infos: dict[str, tuple[tuple[int, ...], str]], header: dict[str, Any]) -> None:
+    def __init__(self, path: Path, header) -> None:
         self.path = path
-        self.infos = infos
-        self.header = header
-        self._handle = None  # opened on the first read, then kept: reopening parses the header again
+        self.header = header  # name -> archive.SafetensorsEntry, offsets already checked
 
     def dtype(self, key: str) -> str:
-        code = self.infos[key][1]
-        return SAFETENSORS_DTYPES.get(code, code.lower())
+        return SAFETENSORS_DTYPES[self.header[key].dtype][0]
 
     def read(self, key: str):
+        """Read the tensor's bytes at its checked offsets; float16/bfloat16 become float32 (exactly)."""
         import numpy as np
 
-        shape, code = self.infos[key]
-        if code == "BF16":
-            # numpy has no bfloat16: read the raw 16 bits and place them in the top half of a float32.
-            start, end = self.header[key]["data_offsets"]
-            with self.path.open("rb") as fh:
-                fh.seek(self.header["__data_start__"] + start)
-                raw = np.frombuffer(fh.read(end - start), dtype="<u2")
-            return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
-        if self._handle is None:
-            from safetensors import safe_open
-
-            self._handle = safe_open(str(self.path), framework="numpy")
-        return self._handle.get_tensor(key)
+        entry = self.header[key]
+        with self.path.open("rb") as fh:
+            fh.seek(entry.start)
+            raw = fh.read(entry.end - entry.start)
+        if len(raw) != entry.end - entry.start:
+            raise InputError(f"{show(self.path)}: truncated while reading {key}")
+        if entry.dtype == "BF16":
+            # numpy has no bfloat16: place the 16 bits in the top half of a float32.
+            return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32).reshape(entry.shape)
+        name = SAFETENSORS_DTYPES[entry.dtype][0]
+        if not hasattr(np, name):
+            raise InputError(f"{show(self.path)}: {key} has dtype {name}, which bncli cannot read")
+        array = np.frombuffer(raw, dtype=np.dtype(name).newbyteorder("<")).reshape(entry.shape)
+        return array.astype(np.float32) if entry.dtype == "F16" else array.copy()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -378,60 +518,79 @@ def load_tensor(path: str | os.PathLike, key: str | None = None):
     import torch
 
     path = Path(path)
+    p = show(path)
     fmt = sniff(path)
     if fmt == "npy":
         import numpy as np
 
         try:
-            array = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise InputError(f"{path}: unreadable .npy file ({_first_line(exc)})") from None
-        return _numpy_to_torch(path, array), None
+            array = np.load(path, allow_pickle=False, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as exc:
+            raise InputError(f"{p}: unreadable .npy file ({_first_line(exc)})") from None
+        return _numpy_to_torch(path, np.array(array)), None
     if fmt == "npz":
-        import numpy as np
-
-        with np.load(path, allow_pickle=False) as z:
-            name = _choose_key(path, list(z.files), key)
-            return _numpy_to_torch(path, z[name]), name
+        return _load_npz(path, key)
     if fmt == "safetensors":
+        entries, reader = _open_safetensors(path)
+        name = _choose_key(path, list(entries), key)
         try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                name = _choose_key(path, list(f.keys()), key)
-                return f.get_tensor(name), name
-        except InputError:
+            array = reader.read(name)
+        except BncliError:
             raise
-        except Exception as exc:
-            raise InputError(f"{path}: corrupt safetensors file ({_first_line(exc)})") from None
+        except Exception as exc:  # noqa: BLE001 - a value that cannot be decoded is an input error
+            raise InputError(f"{p}: cannot read {name} ({_first_line(exc)})") from None
+        if reader.dtype(name) in ("bfloat16", "float16"):
+            return torch.from_numpy(array).to(getattr(torch, reader.dtype(name))), name
+        return _numpy_to_torch(path, array), name
     obj = _torch_load(path, fmt)
     if isinstance(obj, torch.Tensor):
         if key is not None:
-            raise InputError(f"{path}: holds a single tensor; drop --key {key}")
+            raise InputError(f"{p}: holds a single tensor; drop --key {key}")
         return obj, None
     if isinstance(obj, Mapping):
         tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors:
             name = _choose_key(path, list(tensors), key)
             return tensors[name], name
-    raise InputError(f"{path}: holds no tensor (found a {type(obj).__name__})")
+    raise InputError(f"{p}: holds no tensor (found a {type(obj).__name__})")
+
+
+def _load_npz(path: Path, key: str | None):
+    import zipfile
+
+    import numpy as np
+
+    p = show(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            declared = sum(i.file_size for i in zf.infolist())
+        if declared > max_load_bytes():
+            # Compressed members can declare far more than the file holds: refuse before inflating anything.
+            raise InputError(f"{p}: declares {human(declared)} of arrays, above the limit (BNCLI_MAX_LOAD_BYTES)")
+        with np.load(path, allow_pickle=False) as z:
+            name = _choose_key(path, list(z.files), key)
+            return _numpy_to_torch(path, z[name]), name
+    except BncliError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zipfile, zlib and numpy each raise their own types for damage
+        raise InputError(f"{p}: corrupt .npz file ({_first_line(exc)})") from None
 
 
 def _choose_key(path: Path, keys: list[str], key: str | None) -> str:
     if key is not None:
         if key not in keys:
-            raise InputError(f"{path}: no tensor named {key!r}; it holds: {', '.join(keys)}")
+            raise InputError(f"{show(path)}: no tensor named {key!r}; it holds: {', '.join(keys)}")
         return key
     if len(keys) == 1:
         return keys[0]
     if not keys:
-        raise InputError(f"{path}: holds no tensor")
-    raise InputError(f"{path}: holds {len(keys)} tensors; choose one with --key: {', '.join(keys)}")
+        raise InputError(f"{show(path)}: holds no tensor")
+    raise InputError(f"{show(path)}: holds {len(keys)} tensors; choose one with --key: {', '.join(keys)}")
 
 
 def _numpy_to_torch(path: Path, array):
     import torch
 
     if array.dtype.hasobject or array.dtype.kind not in "biufc":
-        raise InputError(f"{path}: numpy dtype {array.dtype} cannot become a tensor")
+        raise InputError(f"{show(path)}: numpy dtype {array.dtype} cannot become a tensor")
     return torch.from_numpy(array.copy() if not array.flags.writeable else array)

@@ -78,11 +78,11 @@ def test_empty_tensor(cli, tensor_file):
 
 
 def test_several_tensors_need_key(cli):
-    _one_line_error(cli("normalize", SAMPLES / "inputs.safetensors"), "holds 2 tensors", "--key", "images, labels")
+    _one_line_error(cli("normalize", SAMPLES / "inputs.safetensors"), "holds 2 tensors; choose one with --key: ", "images", "labels")
 
 
 def test_unknown_key_lists_keys(cli):
-    _one_line_error(cli("normalize", SAMPLES / "inputs.safetensors", "--key", "imgs"), "no tensor named 'imgs'", "images, labels")
+    _one_line_error(cli("normalize", SAMPLES / "inputs.safetensors", "--key", "imgs"), "no tensor named 'imgs'; it holds: ", "images", "labels")
 
 
 def test_add_batch_dim_on_4d(cli):

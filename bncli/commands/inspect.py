@@ -85,6 +85,10 @@ def run(
         Optional[str],
         typer.Option("--state", help="Key of the state dict inside the checkpoint, e.g. 'ema' (default: found automatically)."),
     ] = None,
+    strip_prefix: Annotated[
+        Optional[str],
+        typer.Option("--strip-prefix", help="Remove a prefix every key shares, e.g. 'model.' in a Lightning checkpoint."),
+    ] = None,
 ) -> None:
     """Audit the running statistics and affine parameters of every BatchNorm layer in checkpoints.
 
@@ -115,6 +119,7 @@ def run(
         thresholds=settings.thresholds,
         selected=settings.selected,
         require_bn=settings.require_bn,
+        strip_prefix=strip_prefix,
     )
     for file in report.unreadable:
         _error_line(file.error or "")
