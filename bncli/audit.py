@@ -122,7 +122,9 @@ def inspect_file(
         layers.append(summarize_layer(bn, found, per_channel=layer is not None))
     findings.extend(run_file_rules(bns, thresholds, selected, require_bn))
     prov = ckpt.provenance
-    return FileReport(prov.path, prov.format, prov.container, prov.prefix, tuple(layers), tuple(findings))
+    return FileReport(
+        prov.path, prov.format, prov.container, prov.prefix, tuple(layers), tuple(findings), alternatives=prov.alternatives
+    )
 
 
 def summarize_layer(bn: BNLayer, findings: list[Finding], per_channel: bool = False) -> LayerReport:

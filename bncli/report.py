@@ -78,6 +78,7 @@ class FileReport:
     layers: tuple[LayerReport, ...]
     findings: tuple[Finding, ...]
     error: str | None = None  # why the file could not be read; then layers and findings are empty
+    alternatives: tuple[str, ...] = ()  # other state dicts in the file (an EMA copy...), for --state
 
     @classmethod
     def unreadable(cls, path: str, error: str) -> FileReport:

@@ -156,3 +156,14 @@ def test_no_batchnorm_layers(cli, make_ckpt):
     result = cli("inspect", make_ckpt({"fc.weight": torch.randn(2, 2)}))
     assert result.exit_code == 0
     assert "BN011 no-batchnorm" in result.stdout
+
+
+def test_model_and_ema_report_the_alternative(cli, make_ckpt):
+    path = make_ckpt({"model": bn_state(seed=1), "model_ema": bn_state(seed=2), "epoch": 3})
+    data = json.loads(cli("inspect", path, "-f", "json").stdout)["files"][0]
+    assert (data["container"], data["alternatives"]) == ("model", ["model_ema"])
+    table = cli("inspect", path).stdout
+    assert "state dict under 'model', also 'model_ema' (choose with --state)" in table
+    ema = json.loads(cli("inspect", path, "--state", "model_ema", "-f", "json").stdout)["files"][0]
+    assert ema["container"] == "model_ema"
+    assert ema["layers"][0]["running_mean"] != data["layers"][0]["running_mean"]

@@ -53,6 +53,7 @@ def inspect_payload(report: InspectReport) -> dict[str, Any]:
                 "format": f.format,
                 "container": f.container,
                 "prefix": f.prefix,
+                "alternatives": list(f.alternatives),
                 "layers": layers,
                 "findings": [dataclasses.asdict(x) for x in f.findings],
                 "error": f.error,  # an extension of schema_version 1: null unless the file could not be read

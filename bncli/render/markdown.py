@@ -34,6 +34,8 @@ def _file(file: FileReport) -> list[str]:
         how.append(f"state dict under {code(file.container)}")
     if file.prefix:
         how.append(f"prefix {code(file.prefix)} stripped")
+    if file.alternatives:
+        how.append("also " + ", ".join(code(a) for a in file.alternatives) + " (choose with `--state`)")
     lines.append(", ".join(how))
     if file.layers:
         lines.extend(["", *_layers(file)])

@@ -30,6 +30,8 @@ def _file_parts(file: FileReport) -> list[RenderableType]:
         how.append(f"state dict under {file.container!r}")
     if file.prefix:
         how.append(f"prefix {file.prefix!r} stripped")
+    if file.alternatives:
+        how.append("also " + ", ".join(repr(a) for a in file.alternatives) + " (choose with --state)")
     title = Text(f"{file.path} ({', '.join(how)})", style="bold")
     parts: list[RenderableType] = [title]
     if file.layers:
