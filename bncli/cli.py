@@ -48,12 +48,17 @@ def warn(message: str) -> None:
     stderr_console().print(line)
 
 
-def _fail(message: str, code: int) -> typer.Exit:
+def error_line(message: str) -> None:
+    """One `error: ...` line on stderr."""
     from rich.text import Text
 
     line = Text("error: ", style="bold red")
     line.append(message)  # a Text, not markup: file names may contain [brackets]
     stderr_console().print(line)
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    error_line(message)
     return typer.Exit(int(code))
 
 

@@ -62,21 +62,6 @@ def test_missing_checkpoint_is_one_line_exit_3(cli, tmp_path):
     assert result.stderr == f"error: {tmp_path / 'missing.pt'}: no such file\n"
 
 
-def test_internal_error_is_one_line_exit_4(cli, monkeypatch):
-    import bncli.audit
-
-    def boom(*args, **kwargs):
-        raise ZeroDivisionError("division by zero")
-
-    monkeypatch.setattr(bncli.audit, "inspect_files", boom)
-    result = cli("inspect", SAMPLES / "model.pt")
-    assert result.exit_code == 4
-    assert result.stderr == "error: internal error: ZeroDivisionError: division by zero (rerun with --debug for the traceback)\n"
-
-    debug = cli("--debug", "inspect", SAMPLES / "model.pt")
-    assert debug.exit_code == 4 and "Traceback" in debug.stderr
-
-
 def test_exit_codes_are_documented():
     from bncli.errors import ExitCode
 

@@ -98,7 +98,7 @@ def run(
     Exit status: 3 if any input could not be read, else 1 if a finding reached --fail-on, else 0.
     """
     from bncli.audit import expand_inputs, inspect_files
-    from bncli.cli import emit, warn
+    from bncli.cli import emit, error_line, warn
     from bncli.config import load_config, resolve_inspect
     from bncli.render import renderer_for
 
@@ -122,19 +122,9 @@ def run(
         strip_prefix=strip_prefix,
     )
     for file in report.unreadable:
-        _error_line(file.error or "")
+        error_line(file.error or "")  # the audit goes on with the other inputs
     emit(render(report))
     code = exit_code(report, settings.fail_on)
     if code:
         raise typer.Exit(code)
 
-
-def _error_line(message: str) -> None:
-    """The same `error:` line the CLI prints for a fatal error, but the audit goes on with the other inputs."""
-    from rich.text import Text
-
-    from bncli.cli import stderr_console
-
-    line = Text("error: ", style="bold red")
-    line.append(message)
-    stderr_console().print(line)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
-from bncli.report import InspectReport, Severity
+from bncli.report import FileReport, InspectReport, Severity
 
 
 def fmt(value: float | int | None) -> str:
@@ -18,6 +19,18 @@ def fmt(value: float | int | None) -> str:
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
     return f"{value:.4g}"
+
+
+def provenance(file: FileReport, quote: Callable[[str], str], option: Callable[[str], str] = str) -> str:
+    """'torch-zip, state dict under 'model', prefix 'module.' stripped, also 'model_ema' (choose with --state)'."""
+    how = [file.format or ""]
+    if file.container:
+        how.append(f"state dict under {quote(file.container)}")
+    if file.prefix:
+        how.append(f"prefix {quote(file.prefix)} stripped")
+    if file.alternatives:
+        how.append("also " + ", ".join(quote(a) for a in file.alternatives) + f" (choose with {option('--state')})")
+    return ", ".join(how)
 
 
 def summary_line(report: InspectReport) -> str:

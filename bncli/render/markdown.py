@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bncli.render.common import finding_counts, fmt, summary_line
+from bncli.render.common import finding_counts, fmt, provenance, summary_line
 from bncli.render.spark import var_spark, weight_spark
 from bncli.report import FileReport, InspectReport, Severity
 
@@ -29,14 +29,7 @@ def _file(file: FileReport) -> list[str]:
     lines = [f"### {code(file.path)}", ""]
     if file.error is not None:
         return [*lines, f"**unreadable:** {cell(file.error)}"]
-    how = [file.format or ""]
-    if file.container:
-        how.append(f"state dict under {code(file.container)}")
-    if file.prefix:
-        how.append(f"prefix {code(file.prefix)} stripped")
-    if file.alternatives:
-        how.append("also " + ", ".join(code(a) for a in file.alternatives) + " (choose with `--state`)")
-    lines.append(", ".join(how))
+    lines.append(provenance(file, code, code))
     if file.layers:
         lines.extend(["", *_layers(file)])
         for layer in file.layers:

@@ -7,7 +7,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from bncli.render.common import fmt, summary_line
+from bncli.render.common import fmt, provenance, summary_line
 from bncli.render.spark import var_spark, weight_spark
 from bncli.report import FileReport, InspectReport, NormalizeReport, Severity
 
@@ -25,14 +25,8 @@ def inspect_table(report: InspectReport) -> RenderableType:
 def _file_parts(file: FileReport) -> list[RenderableType]:
     if file.error is not None:
         return [Text(f"unreadable: {file.error}", style="bold red")]
-    how = [file.format or ""]
-    if file.container:
-        how.append(f"state dict under {file.container!r}")
-    if file.prefix:
-        how.append(f"prefix {file.prefix!r} stripped")
-    if file.alternatives:
-        how.append("also " + ", ".join(repr(a) for a in file.alternatives) + " (choose with --state)")
-    title = Text(f"{file.path} ({', '.join(how)})", style="bold")
+    how = provenance(file, repr)
+    title = Text(f"{file.path} ({how})", style="bold")
     parts: list[RenderableType] = [title]
     if file.layers:
         single = file.layers[0].channels is not None
