@@ -166,7 +166,9 @@ def load_checkpoint(path: str | os.PathLike, state: str | None = None) -> Checkp
         if state is not None:
             raise InputError(f"{path}: --state does not apply to safetensors files, which hold one flat mapping")
     elif fmt in ("torch-zip", "torch-legacy"):
-        obj = _torch_load(path, fmt)
+        obj = _torchzip_load(path) if fmt == "torch-zip" else None
+        if obj is None:
+            obj = _torch_load(path, fmt)
         flat, container = find_state_dict(obj, path, state)
         entries, reader = dict(flat), _TorchReader()
     elif fmt in ("npy", "npz"):
@@ -215,6 +217,8 @@ def _keys(obj: Any) -> str:
 def _is_tensor(value: Any) -> bool:
     import sys
 
+    if type(value).__name__ == "LazyTensor" and type(value).__module__ == "bncli.torchzip":
+        return True
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):
         return True
@@ -252,6 +256,16 @@ def strip_prefixes(entries: dict[str, Any]) -> tuple[dict[str, Any], str | None]
 
 
 # --------------------------------------------------------------------------- torch files
+
+
+def _torchzip_load(path: Path) -> Any:
+    """The checkpoint read without torch (bncli/torchzip.py), or None when only torch.load can judge it."""
+    from bncli import torchzip
+
+    try:
+        return torchzip.load(path)
+    except torchzip.Unsupported:
+        return None
 
 
 def _torch_load(path: Path, fmt: str) -> Any:
