@@ -103,7 +103,6 @@ def normalize(
     import torch
 
     from bncli.loading import load_tensor
-    from bncli.stats import channel_mean_std
 
     if output is not None and Path(output).suffix not in OUTPUT_SUFFIXES:
         raise InputError(f"{output}: unsupported output suffix; use one of {', '.join(OUTPUT_SUFFIXES)}")
@@ -136,10 +135,7 @@ def normalize(
     bn = build_layer(num_features, eps=eps, momentum=momentum, affine=affine, state=state).to(param_dtype)
     bn.train(mode == "train")
     with torch.no_grad():
-        y = bn(x)
-
-    in_mean, in_std = channel_mean_std(x)
-    out_mean, out_std = channel_mean_std(y)
+        y, (in_mean, in_std), (out_mean, out_std) = apply_and_measure(bn, x)
     running_mean = bn.running_mean.double().tolist()
     running_var = bn.running_var.double().tolist()
     channels = tuple(
@@ -165,6 +161,76 @@ def normalize(
         output_path=None if output is None else str(output),
         warnings=tuple(warnings),
     )
+
+
+def apply_and_measure(bn, x: torch.Tensor):
+    """y = bn(x) plus per-channel (mean, std) of x and of y, reading x about as often as bn(x) alone does.
+
+    Block by block (a few MB of images, so each block is still in cache): statistics of the x block, the
+    normalized y block written in place, statistics of that y block. Train mode needs the batch statistics
+    before normalizing: one pass over x gives them in float64 (bncli.stats), then the blocks are normalized
+    with them, exactly what nn.BatchNorm2d computes with its own (float64-accumulated) batch statistics, and
+    the running statistics are updated with torch's formula. Layouts other than contiguous NCHW float32/64
+    take the plain route: bn(x), then a statistics pass over each.
+    """
+    import torch
+
+    from bncli.stats import ChannelMoments, _pass, block_size, channel_mean_std
+
+    fused = x.is_contiguous() and x.dtype in (torch.float32, torch.float64) and x.dtype == bn.running_var.dtype
+    if not fused:
+        y = bn(x)
+        return y, channel_mean_std(x), channel_mean_std(y)
+
+    n_img, channels = x.shape[0], x.shape[1]
+    count = x.numel() // channels
+    step = block_size(x)
+    x_moments = None
+    if bn.training:
+        x_moments = _pass(x, None)
+        if x_moments.far():
+            x_moments = _pass(x, x_moments.mean_guess())
+        offset, var_unbiased = x_moments._offset_var()
+        batch_mean = x_moments.shift.double() + offset
+        batch_var = var_unbiased * (count - 1) / count  # normalization uses the biased variance
+        _update_running(bn, batch_mean, var_unbiased)
+        mean_used, var_used = batch_mean.to(x.dtype), batch_var.to(x.dtype)
+    else:
+        mean_used, var_used = bn.running_mean, bn.running_var
+    weight = bn.weight if bn.affine else None
+    bias = bn.bias if bn.affine else None
+
+    y = torch.empty_like(x)
+    y_moments = ChannelMoments(channels, x.dtype)
+    in_moments = ChannelMoments(channels, x.dtype) if x_moments is None else None
+    unused = (torch.empty(0, dtype=x.dtype), torch.empty(0, dtype=x.dtype))
+    for start in range(0, n_img, step):
+        block, out = x[start : start + step], y[start : start + step]
+        if in_moments is not None:
+            in_moments.add(block)
+        # eval-mode kernel with the chosen mean/var, written straight into y: no per-block allocation
+        torch.native_batch_norm(block, weight, bias, mean_used, var_used, False, 0.0, bn.eps, out=(out, *unused))
+        y_moments.add(out)
+    x_stats = _finish(x_moments or in_moments, x)
+    y_stats = _finish(y_moments, y)
+    return y, x_stats, y_stats
+
+
+def _finish(moments, t):
+    from bncli.stats import _pass
+
+    if moments.far():  # the first block was a poor guess of the mean: one more pass around the mean
+        moments = _pass(t, moments.mean_guess())
+    return moments.result()
+
+
+def _update_running(bn, batch_mean, var_unbiased) -> None:
+    """What nn.BatchNorm2d does to its buffers in a training forward pass (momentum None: cumulative average)."""
+    bn.num_batches_tracked += 1
+    factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    dtype = bn.running_mean.dtype
+    bn.running_mean.copy_(((1 - factor) * bn.running_mean.double() + factor * batch_mean).to(dtype))
+    bn.running_var.copy_(((1 - factor) * bn.running_var.double() + factor * var_unbiased).to(dtype))
 
 
 def _checkpoint_layer(checkpoint, layer: str):
