@@ -42,6 +42,7 @@ ALLOWED_OPCODES = frozenset(
     "SHORT_BINSTRING BINPERSID BINGET LONG_BINGET BINPUT LONG_BINPUT LONG1 PROTO STOP".split()
 )
 
+_ITEMSIZE = {"f8": 8, "f4": 4, "f2": 2, "u2": 2, "i8": 8, "i4": 4, "i2": 2, "i1": 1, "u1": 1, "?": 1}
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # zip local file header, 30 bytes
 
 
@@ -153,6 +154,12 @@ class _Archive:
         self.byteorder = "<" if byteorder == "little" else ">"
         self._offsets: dict[str, int] = {}
 
+    def corrupt(self, detail: str) -> Exception:
+        """Damage found while reading tensor bytes, after loading succeeded: too late to hand over to torch."""
+        from bncli.errors import InputError
+
+        return InputError(f"{self.path}: corrupt torch zip archive ({detail})")
+
     def data_offset(self, name: str) -> int:
         """Where a record's bytes start: after its local header, whose name must match the central directory's."""
         if name not in self._offsets:
@@ -161,16 +168,16 @@ class _Archive:
                 fh.seek(info.header_offset)
                 head = fh.read(_LOCAL_HEADER.size)
                 if len(head) != _LOCAL_HEADER.size:
-                    raise Unsupported(f"truncated local header of {name}")
+                    raise self.corrupt(f"truncated local header of {name}")
                 fields = _LOCAL_HEADER.unpack(head)
                 if fields[0] != b"PK\x03\x04" or fields[3] != zipfile.ZIP_STORED:
-                    raise Unsupported(f"bad local header of {name}")
+                    raise self.corrupt(f"bad local header of {name}")
                 name_len, extra_len = fields[9], fields[10]
                 if fh.read(name_len).decode("utf-8", "replace") != name:
-                    raise Unsupported(f"local header of {name} names another record")
+                    raise self.corrupt(f"local header of {name} names another record")
             start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
             if start + info.file_size > self.size:
-                raise Unsupported(f"record {name} reaches past the end of the file")
+                raise self.corrupt(f"record {name} reaches past the end of the file")
             self._offsets[name] = start
         return self._offsets[name]
 
@@ -178,12 +185,12 @@ class _Archive:
         """`length` bytes of record `name` from `start`; the CRC is checked when the read covers the record."""
         info = self.records[name]
         if info.file_size < whole or start + length > info.file_size:
-            raise Unsupported(f"record {name} holds {info.file_size} bytes, fewer than its storage needs")
+            raise self.corrupt(f"record {name} holds {info.file_size} bytes, fewer than its storage needs")
         data = _read_at(self.path, self.data_offset(name) + start, length)
         if len(data) != length:
-            raise Unsupported(f"record {name} is truncated")
+            raise self.corrupt(f"record {name} is truncated")
         if start == 0 and length == info.file_size and zlib.crc32(data) != info.CRC:
-            raise Unsupported(f"CRC mismatch in record {name}")
+            raise self.corrupt(f"CRC mismatch in record {name}")
         return data
 
 
@@ -274,6 +281,8 @@ class _Unpickler(pickle.Unpickler):
         if record not in self.archive.records:
             raise Unsupported(f"no record {record}")
         np_dtype, dtype = STORAGE_DTYPES[kind.name]
+        if self.archive.records[record].file_size < numel * _ITEMSIZE[np_dtype]:
+            raise Unsupported(f"record {record} is smaller than its storage")
         storage = LazyStorage(self.archive, record, np_dtype, dtype, numel)
         self.storages[key] = storage
         return storage
