@@ -169,59 +169,63 @@ def apply_and_measure(bn, x: torch.Tensor):
     Block by block (a few MB of images, so each block is still in cache): statistics of the x block, the
     normalized y block written in place, statistics of that y block. Train mode needs the batch statistics
     before normalizing: one pass over x gives them in float64 (bncli.stats), then the blocks are normalized
-    with them, exactly what nn.BatchNorm2d computes with its own (float64-accumulated) batch statistics, and
+    with them, which is what nn.BatchNorm2d computes with its own (float64-accumulated) batch statistics, and
     the running statistics are updated with torch's formula. Layouts other than contiguous NCHW float32/64
     take the plain route: bn(x), then a statistics pass over each.
     """
     import torch
 
-    from bncli.stats import ChannelMoments, _pass, block_size, channel_mean_std
+    from bncli.stats import ChannelMoments, block_size, channel_mean_std, first_image_mean, moments_pass, run_blocks, settle
 
     fused = x.is_contiguous() and x.dtype in (torch.float32, torch.float64) and x.dtype == bn.running_var.dtype
-    if not fused:
+    if not fused or x.numel() == 0:
         y = bn(x)
         return y, channel_mean_std(x), channel_mean_std(y)
 
-    n_img, channels = x.shape[0], x.shape[1]
+    channels = x.shape[1]
     count = x.numel() // channels
-    step = block_size(x)
-    x_moments = None
+    x_shift = first_image_mean(x)
+    x_done = None
     if bn.training:
-        x_moments = _pass(x, None)
-        if x_moments.far():
-            x_moments = _pass(x, x_moments.mean_guess())
-        offset, var_unbiased = x_moments._offset_var()
-        batch_mean = x_moments.shift.double() + offset
-        batch_var = var_unbiased * (count - 1) / count  # normalization uses the biased variance
+        x_done = settle(moments_pass(x, x_shift), x)
+        batch_mean, var_unbiased = x_done.mean_and_var()
         _update_running(bn, batch_mean, var_unbiased)
-        mean_used, var_used = batch_mean.to(x.dtype), batch_var.to(x.dtype)
+        # normalization uses the biased variance
+        mean_used, var_used = batch_mean.to(x.dtype), (var_unbiased * (count - 1) / count).to(x.dtype)
     else:
         mean_used, var_used = bn.running_mean, bn.running_var
-    weight = bn.weight if bn.affine else None
-    bias = bn.bias if bn.affine else None
+    # detached: grad mode is per thread, and the worker threads below do not inherit the caller's no_grad
+    weight = bn.weight.detach() if bn.affine else None
+    bias = bn.bias.detach() if bn.affine else None
+    # y's shift: x's first-image mean mapped through the same affine transform, close to y's own
+    scale = (var_used.double() + bn.eps).rsqrt() * (1.0 if weight is None else weight.double())
+    y_shift = (x_shift - mean_used.double()) * scale + (0.0 if bias is None else bias.double())
 
     y = torch.empty_like(x)
-    y_moments = ChannelMoments(channels, x.dtype)
-    in_moments = ChannelMoments(channels, x.dtype) if x_moments is None else None
-    unused = (torch.empty(0, dtype=x.dtype), torch.empty(0, dtype=x.dtype))
-    for start in range(0, n_img, step):
-        block, out = x[start : start + step], y[start : start + step]
-        if in_moments is not None:
-            in_moments.add(block)
-        # eval-mode kernel with the chosen mean/var, written straight into y: no per-block allocation
-        torch.native_batch_norm(block, weight, bias, mean_used, var_used, False, 0.0, bn.eps, out=(out, *unused))
-        y_moments.add(out)
-    x_stats = _finish(x_moments or in_moments, x)
-    y_stats = _finish(y_moments, y)
-    return y, x_stats, y_stats
+    workers = max(1, torch.get_num_threads())
+    x_parts = [ChannelMoments(channels, x.dtype, x_shift) for _ in range(workers)]
+    y_parts = [ChannelMoments(channels, x.dtype, y_shift) for _ in range(workers)]
+    unused = [(torch.empty(0, dtype=x.dtype), torch.empty(0, dtype=x.dtype)) for _ in range(workers)]
+    scratch = [[None] for _ in range(workers)]  # one buffer per thread, shared by its x and y accumulators
+
+    def body(start: int, stop: int, w: int) -> None:
+        block, out = x[start:stop], y[start:stop]
+        if x_done is None:
+            x_parts[w].add(block, scratch[w])
+        # the eval-mode kernel with the chosen mean/var, written straight into y: no per-block allocation
+        torch.native_batch_norm(block, weight, bias, mean_used, var_used, False, 0.0, bn.eps, out=(out, *unused[w]))
+        y_parts[w].add(out, scratch[w])
+
+    run_blocks(x.shape[0], block_size(x), body)
+    if x_done is None:
+        x_done = settle(_merged(x_parts), x)
+    return y, x_done.result(), settle(_merged(y_parts), y).result()
 
 
-def _finish(moments, t):
-    from bncli.stats import _pass
-
-    if moments.far():  # the first block was a poor guess of the mean: one more pass around the mean
-        moments = _pass(t, moments.mean_guess())
-    return moments.result()
+def _merged(parts):
+    for part in parts[1:]:
+        parts[0].merge(part)
+    return parts[0]
 
 
 def _update_running(bn, batch_mean, var_unbiased) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import numpy as np
     import torch
 
@@ -20,48 +22,70 @@ def block_size(x: torch.Tensor) -> int:
     return max(1, BLOCK_BYTES // max(1, per_image))
 
 
+def work_dtype(dtype):
+    import torch
+
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def first_image_mean(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean of x[0] in float64: the shift, a cheap guess of each channel's mean."""
+
+    rows = x[:1].reshape(1, x.shape[1], -1)
+    return rows[0].sum(-1, dtype=work_dtype(x.dtype)).double() / max(1, rows.shape[2])
+
+
 class ChannelMoments:
     """Running sums of d = x - shift per channel, fed one block of images at a time.
 
     mean = shift + sum(d)/n and var = (sum(d^2) - sum(d)^2/n)/(n-1). Each (image, channel) row of H*W values is
     summed by torch in float32 (float64 for float64 input), whose pairwise summation keeps the error near eps;
     rows are combined in float64. With the shift near the mean nothing cancels, so mean and std come out with
-    a relative error around 1e-7 or better. The shift is the first block's mean unless given; `far()` says when it
-    turned out too far from the mean for that guarantee, and the caller then repeats the pass with a better one.
+    a relative error around 1e-7 or better. `far()` says when the shift turned out too far from the mean for
+    that guarantee; the caller then repeats the pass around `mean_guess()`.
     """
 
-    def __init__(self, channels: int, dtype, shift: torch.Tensor | None = None) -> None:
+    def __init__(self, channels: int, dtype, shift: torch.Tensor) -> None:
         import torch
 
-        self.work = torch.float64 if dtype == torch.float64 else torch.float32
-        self.shift = None if shift is None else shift.to(self.work)
+        self.work = work_dtype(dtype)
+        self.shift64 = shift.double()
+        self.shift = shift.to(self.work)[:, None]
         self.s1 = torch.zeros(channels, dtype=torch.float64)
         self.s2 = torch.zeros(channels, dtype=torch.float64)
         self.count = 0
-        self._scratch = None
+        self._own: list = [None]
 
-    def add(self, block: torch.Tensor) -> None:
+    def add(self, block: torch.Tensor, scratch: list | None = None) -> None:
+        """Accumulate one block; `scratch` (a one-item list) lets accumulators on one thread share a buffer."""
         import torch
 
         b, c = block.shape[0], block.shape[1]
         rows = block.reshape(b, c, -1)  # a view for NCHW-contiguous input, a block-sized copy otherwise
         if rows.shape[2] == 0:
             return
-        if self.shift is None:
-            self.shift = rows[0].sum(-1, dtype=self.work) / rows.shape[2]
-        if self._scratch is None or self._scratch.shape[0] < b or self._scratch.shape[2] != rows.shape[2]:
-            self._scratch = torch.empty((b, c, rows.shape[2]), dtype=self.work)
-        d = self._scratch[:b]
-        torch.sub(rows, self.shift[:, None], out=d)
+        holder = scratch if scratch is not None else self._own
+        buf = holder[0]
+        if buf is None or buf.dtype != self.work or buf.shape[0] < b or buf.shape[1:] != (c, rows.shape[2]):
+            buf = holder[0] = torch.empty((b, c, rows.shape[2]), dtype=self.work)
+        d = buf[:b]
+        torch.sub(rows, self.shift, out=d)
         self.s1 += d.sum(-1).sum(0, dtype=torch.float64)
         d.square_()
         self.s2 += d.sum(-1).sum(0, dtype=torch.float64)
         self.count += b * rows.shape[2]
 
+    def merge(self, other: ChannelMoments) -> ChannelMoments:
+        """Add another accumulator's sums (same shift) into this one."""
+        self.s1 += other.s1
+        self.s2 += other.s2
+        self.count += other.count
+        return self
+
     def _offset_var(self):
         import torch
 
-        offset = self.s1 / self.count
+        offset = self.s1 / max(1, self.count)
         if self.count < 2:  # one value: the mean is defined, the corrected std is not (torch gives nan too)
             return offset, torch.full_like(offset, float("nan"))
         return offset, ((self.s2 - self.s1 * offset) / (self.count - 1)).clamp(min=0)
@@ -73,9 +97,10 @@ class ChannelMoments:
         offset, var = self._offset_var()
         return bool((offset.abs() > SHIFT_TOLERANCE * var.sqrt()).any())
 
-    def mean_guess(self):
-        offset, _ = self._offset_var()
-        return self.shift.double() + offset
+    def mean_and_var(self):
+        """float64 tensors: the mean and the unbiased variance."""
+        offset, var = self._offset_var()
+        return self.shift64 + offset, var
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         import numpy as np
@@ -83,21 +108,67 @@ class ChannelMoments:
         if self.count == 0:
             nan = np.full(self.s1.shape[0], np.nan)
             return nan, nan.copy()
-        offset, var = self._offset_var()
-        return (self.shift.double() + offset).numpy(), var.sqrt().numpy()
+        mean, var = self.mean_and_var()
+        return mean.numpy(), var.sqrt().numpy()
 
 
-def channel_mean_std(x: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std (correction=1, as torch.Tensor.std) of every channel over N, H and W, in float64."""
-    moments = _pass(x, shift)
-    if moments.far():  # the first image was a poor guess (it differs from the rest): once more around the mean
-        moments = _pass(x, moments.mean_guess())
-    return moments.result()
+def run_blocks(n_img: int, step: int, body: Callable[[int, int, int], None]) -> int:
+    """Call body(start, stop, worker) for every block of images; return the number of workers used.
+
+    Blocks are split in contiguous runs over up to torch.get_num_threads() Python threads (torch releases the
+    GIL), each running its ops with one intra-op thread. Many small parallel ops in a loop would otherwise pay
+    an OpenMP barrier each, and on a busy machine every barrier waits for a descheduled thread.
+    """
+    import torch
+
+    starts = list(range(0, n_img, step))
+    workers = max(1, min(torch.get_num_threads(), len(starts)))
+    if workers == 1:
+        for s in starts:
+            body(s, min(s + step, n_img), 0)
+        return 1
+    from concurrent.futures import ThreadPoolExecutor
+
+    per = -(-len(starts) // workers)
+
+    def run(worker: int) -> None:
+        torch.set_num_threads(1)  # this thread's own setting: the caller's thread keeps its own
+        for s in starts[worker * per : (worker + 1) * per]:
+            body(s, min(s + step, n_img), worker)
+
+    with ThreadPoolExecutor(workers) as pool:
+        for future in [pool.submit(run, w) for w in range(workers)]:
+            future.result()
+    return workers
 
 
-def _pass(x: torch.Tensor, shift) -> ChannelMoments:
-    moments = ChannelMoments(x.shape[1], x.dtype, shift)
-    step = block_size(x)
-    for start in range(0, x.shape[0], step):
-        moments.add(x[start : start + step])
+def moments_pass(x: torch.Tensor, shift: torch.Tensor) -> ChannelMoments:
+    """One pass over x accumulating ChannelMoments around `shift`."""
+    import torch
+
+    workers = max(1, torch.get_num_threads())
+    parts = [ChannelMoments(x.shape[1], x.dtype, shift) for _ in range(workers)]
+    run_blocks(x.shape[0], block_size(x), lambda a, b, w: parts[w].add(x[a:b]))
+    for part in parts[1:]:
+        parts[0].merge(part)
+    return parts[0]
+
+
+def settle(moments: ChannelMoments, x: torch.Tensor) -> ChannelMoments:
+    """The moments, summed once more around the found mean when the shift was a poor guess (a drifting batch)."""
+    if moments.far():
+        return moments_pass(x, moments.mean_and_var()[0])
     return moments
+
+
+def channel_mean_std(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (correction=1, as torch.Tensor.std) of every channel over N, H and W, in float64."""
+    if x.shape[0] == 0 or x.numel() == 0:
+        return ChannelMoments(x.shape[1], x.dtype, _zeros(x.shape[1])).result()
+    return settle(moments_pass(x, first_image_mean(x)), x).result()
+
+
+def _zeros(channels: int):
+    import torch
+
+    return torch.zeros(channels, dtype=torch.float64)

@@ -180,8 +180,8 @@ def test_fused_normalize_peak_memory_is_input_plus_output(tmp_path):
         "from bncli.normalize import apply_and_measure, build_layer\n"
         "def hwm():\n"
         "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
-        "x = torch.randn(64, 16, 64, 64)  # 16 MiB\n"
-        "bn = build_layer(16, eps=1e-5, momentum=0.1, affine=True)\n"
+        "x = torch.randn(64, 64, 64, 64)  # 64 MiB\n"
+        "bn = build_layer(64, eps=1e-5, momentum=0.1, affine=True)\n"
         "with torch.no_grad():\n"
         "    apply_and_measure(bn, x[:2])  # warm up: first calls allocate torch's own caches\n"
         "open('/proc/self/clear_refs', 'w').write('5')\n"
@@ -192,4 +192,5 @@ def test_fused_normalize_peak_memory_is_input_plus_output(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     growth_kb = int(out.split()[-1])
-    assert growth_kb <= 1.1 * 16 * 1024 + 8 * 1024, growth_kb  # y (16 MiB) + 10% + the 4 MiB scratch and slack
+    # issue 5: peak <= input + output + 10%; the input is already resident, so growth <= output + 10% of both
+    assert growth_kb <= (64 + 0.1 * 128) * 1024, growth_kb
