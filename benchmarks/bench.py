@@ -48,7 +48,11 @@ def bench(commands: dict[str, list[str]], repeat: int) -> dict[str, dict]:
     results = {name: {"walls": [], "rss": 0, "out": ""} for name in commands}
     for _ in range(repeat):
         for name, argv in commands.items():
-            wall, rss, out = run(argv)
+            env = None
+            if isinstance(argv, tuple):  # (argv, extra environment variables)
+                argv, extra = argv
+                env = {**os.environ, **extra}
+            wall, rss, out = run(argv, env)
             r = results[name]
             r["walls"].append(wall)
             r["rss"] = max(r["rss"], rss)
@@ -296,6 +300,10 @@ def run_all(work: Path, quick: bool, repeat: int) -> list[dict]:
             "help": [*BNCLI, "--help"],
             "version": [*BNCLI, "--version"],
             "inspect_help": [*BNCLI, "inspect", "--help"],
+            # what typer's plain (click-style) help formatter would cost instead of its Rich one
+            "help_plain": ([*BNCLI, "--help"], {"TYPER_USE_RICH": "0"}),
+            "inspect_help_plain": ([*BNCLI, "inspect", "--help"], {"TYPER_USE_RICH": "0"}),
+            "typer_pydantic": [PY, "-c", "import typer, pydantic"],
         },
         repeat * 2,
     )
@@ -304,6 +312,9 @@ def run_all(work: Path, quick: bool, repeat: int) -> list[dict]:
     for key, arg in (("help", "--help"), ("version", "--version"), ("inspect_help", "inspect --help")):
         loaded = [m for m, v in heavy[arg].items() if v]
         row(1, f"bncli {arg}", r[key], r["typer"], "<= 2x", "imports " + (", ".join(loaded) or "no torch/numpy/safetensors"))
+    row(1, "  bncli --help, TYPER_USE_RICH=0", r["help_plain"], r["typer"], note="plain help formatter, for comparison")
+    row(1, "  bncli inspect --help, TYPER_USE_RICH=0", r["inspect_help_plain"], r["typer"], note="plain help formatter")
+    row(1, '  python -c "import typer, pydantic"', r["typer_pydantic"], r["typer"], note="typer 0.29 coerces via pydantic")
 
     # 2. safetensors
     big, small = paths["big.safetensors"], paths["small.safetensors"]
