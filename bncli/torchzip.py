@@ -147,7 +147,9 @@ class _Archive:
                 self.data_pkl = zf.read(pkl[0])  # zipfile checks the CRC of what it reads whole
                 order = self.records.get(self.prefix + "byteorder")
                 byteorder = zf.read(order).decode("ascii", "replace") if order else "little"
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
+        except Unsupported:
+            raise
+        except Exception as exc:  # noqa: BLE001 - BadZipFile, OSError, encrypted records...: torch.load judges
             raise Unsupported(f"unreadable zip archive ({exc})") from None
         if byteorder not in ("little", "big"):
             raise Unsupported(f"byteorder record says {byteorder!r}")
@@ -295,7 +297,9 @@ def _check_opcodes(data: bytes) -> None:
         for op, _arg, _pos in pickletools.genops(data):
             if op.name not in ALLOWED_OPCODES:
                 raise Unsupported(f"pickle opcode {op.name}")
-    except ValueError as exc:
+    except Unsupported:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pickletools' parser on damaged bytes
         raise Unsupported(f"malformed pickle ({exc})") from None
 
 
