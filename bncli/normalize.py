@@ -177,7 +177,12 @@ def apply_and_measure(bn, x: torch.Tensor):
 
     from bncli.stats import ChannelMoments, block_size, channel_mean_std, first_image_mean, moments_pass, run_blocks, settle
 
-    fused = x.is_contiguous() and x.dtype in (torch.float32, torch.float64) and x.dtype == bn.running_var.dtype
+    fused = (
+        bn.track_running_stats
+        and x.is_contiguous()
+        and x.dtype in (torch.float32, torch.float64)
+        and x.dtype == bn.running_var.dtype
+    )
     if not fused or x.numel() == 0:
         y = bn(x)
         return y, channel_mean_std(x), channel_mean_std(y)

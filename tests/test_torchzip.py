@@ -227,3 +227,39 @@ def test_pickle_bytes_written_by_torch_are_protocol_2():
     with zipfile.ZipFile(buffer) as zf:
         pkl = next(n for n in zf.namelist() if n.endswith("data.pkl"))
         assert zf.read(pkl)[:2] == b"\x80\x02"
+
+
+def _all_tensors(obj):
+    if isinstance(obj, torchzip.LazyTensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _all_tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _all_tensors(value)
+
+
+def test_damaged_bytes_never_escape_as_other_errors(tmp_path):
+    """Any single damaged byte: a result, Unsupported (torch decides) or InputError, never another exception."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    clean = tmp_path / "clean.pt"
+    torch.save({"state_dict": _module_state(), "epoch": 2}, clean)
+    original = clean.read_bytes()
+    path = tmp_path / "damaged.pt"
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.integers(0, len(original) - 1), st.integers(0, 255))
+    def check(at, value):
+        data = bytearray(original)
+        data[at] = value
+        path.write_bytes(bytes(data))
+        try:
+            for tensor in _all_tensors(torchzip.load(path)):
+                np.asarray(tensor)
+        except (torchzip.Unsupported, InputError):
+            pass
+
+    check()
