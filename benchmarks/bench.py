@@ -303,6 +303,7 @@ def run_all(work: Path, quick: bool, repeat: int) -> list[dict]:
             # what typer's plain (click-style) help formatter would cost instead of its Rich one
             "help_plain": ([*BNCLI, "--help"], {"TYPER_USE_RICH": "0"}),
             "inspect_help_plain": ([*BNCLI, "inspect", "--help"], {"TYPER_USE_RICH": "0"}),
+            "typer_rich": [PY, "-c", "import typer, typer.rich_utils"],
             "typer_pydantic": [PY, "-c", "import typer, pydantic"],
         },
         repeat * 2,
@@ -314,6 +315,7 @@ def run_all(work: Path, quick: bool, repeat: int) -> list[dict]:
         row(1, f"bncli {arg}", r[key], r["typer"], "<= 2x", "imports " + (", ".join(loaded) or "no torch/numpy/safetensors"))
     row(1, "  bncli --help, TYPER_USE_RICH=0", r["help_plain"], r["typer"], note="plain help formatter, for comparison")
     row(1, "  bncli inspect --help, TYPER_USE_RICH=0", r["inspect_help_plain"], r["typer"], note="plain help formatter")
+    row(1, '  python -c "import typer, typer.rich_utils"', r["typer_rich"], r["typer"], note="typer's Rich help, imported")
     row(1, '  python -c "import typer, pydantic"', r["typer_pydantic"], r["typer"], note="typer 0.29 coerces via pydantic")
 
     # 2. safetensors
