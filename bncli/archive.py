@@ -166,7 +166,11 @@ def verify_record_crc(path: Path, record: ZipRecord, fh=None) -> None:
         crc = zlib.crc32(chunk, crc)
         left -= len(chunk)
     if crc != record.crc:
-        raise InputError(f"{show(path)}: corrupt: record {record.name!r} fails its CRC-32 check (the file is damaged)")
+        raise crc_error(path, record)
+
+
+def crc_error(path: Path, record: ZipRecord) -> InputError:
+    return InputError(f"{show(path)}: corrupt: record {record.name!r} fails its CRC-32 check (the file is damaged)")
 
 
 def read_record(path: Path, record: ZipRecord) -> bytes:

@@ -202,7 +202,9 @@ def load_checkpoint(path: str | os.PathLike, state: str | None = None, strip_pre
         entries, reader = _open_safetensors(path)
         container = None
     elif fmt in ("torch-zip", "torch-legacy"):
-        obj = _torch_load(path, fmt)
+        obj = _torchzip_load(path) if fmt == "torch-zip" else None
+        if obj is None:
+            obj = _torch_load(path, fmt)
         flat, container, alternatives = find_state_dict(obj, path, state)
         entries, reader = dict(flat), _TorchReader()
     else:  # npy, npz
@@ -273,6 +275,8 @@ def _keys(obj: Any) -> str:
 def _is_tensor(value: Any) -> bool:
     import sys
 
+    if type(value).__name__ == "LazyTensor" and type(value).__module__ == "bncli.torchzip":
+        return True
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):
         return True
@@ -326,6 +330,16 @@ def strip_prefixes(entries: dict[str, Any], extra: str | None = None, where: str
 
 
 # --------------------------------------------------------------------------- torch files
+
+
+def _torchzip_load(path: Path) -> Any:
+    """The checkpoint read without torch (bncli/torchzip.py), or None when only torch.load can judge it."""
+    from bncli import torchzip
+
+    try:
+        return torchzip.load(path)
+    except torchzip.Unsupported:
+        return None
 
 
 @contextlib.contextmanager
@@ -457,16 +471,19 @@ class _TorchReader:
 
     @staticmethod
     def read(value: Any):
+        """torch tensors, torchzip's lazy tensors (bfloat16 already widened) and plain numbers, as numpy."""
         import numpy as np
 
         if hasattr(value, "detach"):
             import torch
 
             value = value.detach()
-            if value.dtype in (torch.bfloat16, torch.float16):
-                value = value.float()  # exact; statistics in float16 would underflow below eps
-            return value.numpy().copy()
-        return np.array(value)
+            if value.dtype == torch.bfloat16:
+                value = value.float()  # numpy has no bfloat16
+            value = value.numpy()
+        array = np.array(value)
+        # float16 widened exactly: statistics computed in float16 would underflow below eps
+        return array.astype(np.float32) if array.dtype == np.float16 else array
 
 
 # --------------------------------------------------------------------------- safetensors

@@ -120,7 +120,6 @@ def normalize(
     import torch
 
     from bncli.loading import load_tensor
-    from bncli.stats import channel_mean_std
 
     if output is not None and Path(output).suffix not in OUTPUT_SUFFIXES:
         raise InputError(f"{output}: unsupported output suffix; use one of {', '.join(OUTPUT_SUFFIXES)}")
@@ -155,10 +154,7 @@ def normalize(
     bn = build_layer(num_features, eps=eps, momentum=momentum, affine=affine, state=state).to(param_dtype)
     bn.train(mode == "train")
     with torch.no_grad():
-        y = bn(x)
-
-    in_mean, in_std = channel_mean_std(x)
-    out_mean, out_std = channel_mean_std(y)
+        y, (in_mean, in_std), (out_mean, out_std) = apply_and_measure(bn, x)
     running_mean = bn.running_mean.double().tolist()
     running_var = bn.running_var.double().tolist()
     channels = tuple(
@@ -184,6 +180,85 @@ def normalize(
         output_path=None if output is None else str(output),
         warnings=tuple(warnings),
     )
+
+
+def apply_and_measure(bn, x: torch.Tensor):
+    """y = bn(x) plus per-channel (mean, std) of x and of y, reading x about as often as bn(x) alone does.
+
+    Block by block (a few MB of images, so each block is still in cache): statistics of the x block, the
+    normalized y block written in place, statistics of that y block. Train mode needs the batch statistics
+    before normalizing: one pass over x gives them in float64 (bncli.stats), then the blocks are normalized
+    with them, which is what nn.BatchNorm2d computes with its own (float64-accumulated) batch statistics, and
+    the running statistics are updated with torch's formula. Layouts other than contiguous NCHW float32/64
+    take the plain route: bn(x), then a statistics pass over each.
+    """
+    import torch
+
+    from bncli.stats import ChannelMoments, block_size, channel_mean_std, first_image_mean, moments_pass, run_blocks, settle
+
+    fused = (
+        bn.track_running_stats
+        and x.is_contiguous()
+        and x.dtype in (torch.float32, torch.float64)
+        and x.dtype == bn.running_var.dtype
+    )
+    if not fused or x.numel() == 0:
+        y = bn(x)
+        return y, channel_mean_std(x), channel_mean_std(y)
+
+    channels = x.shape[1]
+    count = x.numel() // channels
+    x_shift = first_image_mean(x)
+    x_done = None
+    if bn.training:
+        x_done = settle(moments_pass(x, x_shift), x)
+        batch_mean, var_unbiased = x_done.mean_and_var()
+        _update_running(bn, batch_mean, var_unbiased)
+        # normalization uses the biased variance
+        mean_used, var_used = batch_mean.to(x.dtype), (var_unbiased * (count - 1) / count).to(x.dtype)
+    else:
+        mean_used, var_used = bn.running_mean, bn.running_var
+    # detached: grad mode is per thread, and the worker threads below do not inherit the caller's no_grad
+    weight = bn.weight.detach() if bn.affine else None
+    bias = bn.bias.detach() if bn.affine else None
+    # y's shift: x's first-image mean mapped through the same affine transform, close to y's own
+    scale = (var_used.double() + bn.eps).rsqrt() * (1.0 if weight is None else weight.double())
+    y_shift = (x_shift - mean_used.double()) * scale + (0.0 if bias is None else bias.double())
+
+    y = torch.empty_like(x)
+    workers = max(1, torch.get_num_threads())
+    x_parts = [ChannelMoments(channels, x.dtype, x_shift) for _ in range(workers)]
+    y_parts = [ChannelMoments(channels, x.dtype, y_shift) for _ in range(workers)]
+    unused = [(torch.empty(0, dtype=x.dtype), torch.empty(0, dtype=x.dtype)) for _ in range(workers)]
+    scratch = [[None] for _ in range(workers)]  # one buffer per thread, shared by its x and y accumulators
+
+    def body(start: int, stop: int, w: int) -> None:
+        block, out = x[start:stop], y[start:stop]
+        if x_done is None:
+            x_parts[w].add(block, scratch[w])
+        # the eval-mode kernel with the chosen mean/var, written straight into y: no per-block allocation
+        torch.native_batch_norm(block, weight, bias, mean_used, var_used, False, 0.0, bn.eps, out=(out, *unused[w]))
+        y_parts[w].add(out, scratch[w])
+
+    run_blocks(x.shape[0], block_size(x), body)
+    if x_done is None:
+        x_done = settle(_merged(x_parts), x)
+    return y, x_done.result(), settle(_merged(y_parts), y).result()
+
+
+def _merged(parts):
+    for part in parts[1:]:
+        parts[0].merge(part)
+    return parts[0]
+
+
+def _update_running(bn, batch_mean, var_unbiased) -> None:
+    """What nn.BatchNorm2d does to its buffers in a training forward pass (momentum None: cumulative average)."""
+    bn.num_batches_tracked += 1
+    factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    dtype = bn.running_mean.dtype
+    bn.running_mean.copy_(((1 - factor) * bn.running_mean.double() + factor * batch_mean).to(dtype))
+    bn.running_var.copy_(((1 - factor) * bn.running_var.double() + factor * var_unbiased).to(dtype))
 
 
 def _checkpoint_layer(checkpoint, layer: str):

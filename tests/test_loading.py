@@ -314,7 +314,24 @@ def test_flipped_bit_in_tensor_data_caught_by_crc(tmp_path, no_torch_load):
     path = tmp_path / "flipped.pt"
     path.write_bytes(bytes(data))
     with pytest.raises(InputError) as info:
-        load_checkpoint(path)
+        ckpt = load_checkpoint(path)  # the torch-free reader checks a record's CRC when it reads it
+        [ckpt.read(key) for key in ckpt]
+    assert info.value.message == f"{path}: corrupt: record {name!r} fails its CRC-32 check (the file is damaged)"
+
+
+def test_flipped_bit_caught_on_the_torch_load_path_too(tmp_path, monkeypatch):
+    import bncli.loading
+
+    monkeypatch.setattr(bncli.loading, "_torchzip_load", lambda path: None)  # as for files torchzip hands over
+    good = tmp_path / "good.pt"
+    torch.save(bn_state(), good)
+    data = bytearray(good.read_bytes())
+    name, r = record(bytes(data), "data/2")
+    data[r["data"] + 1] ^= 0x10
+    path = tmp_path / "flipped.pt"
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError) as info:
+        load_checkpoint(path)  # checked before torch maps anything
     assert info.value.message == f"{path}: corrupt: record {name!r} fails its CRC-32 check (the file is damaged)"
 
 
@@ -334,6 +351,9 @@ def test_sparse_and_quantized_tensors_load_unmapped(make_ckpt, monkeypatch):
 
 
 def test_mapped_storages_checked_before_use(make_ckpt, monkeypatch):
+    import bncli.loading
+
+    monkeypatch.setattr(bncli.loading, "_torchzip_load", lambda path: None)  # the torch.load path
     calls = []
     real = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k["mmap"]) or real(*a, **k))

@@ -41,8 +41,8 @@ def test_fresh_layer_matches_module(tmp_path, mode, momentum, affine):
     y = torch.load(out, weights_only=True)
     assert y.shape == x.shape
     assert torch.allclose(y, y_ref, atol=1e-6, rtol=0)
-    assert [c.running_mean for c in report.channels] == pytest.approx(bn.running_mean.tolist(), abs=1e-7)
-    assert [c.running_var for c in report.channels] == pytest.approx(bn.running_var.tolist(), abs=1e-7)
+    assert [c.running_mean for c in report.channels] == pytest.approx(bn.running_mean.tolist(), rel=1e-6, abs=1e-7)
+    assert [c.running_var for c in report.channels] == pytest.approx(bn.running_var.tolist(), rel=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -59,7 +59,7 @@ def test_checkpoint_layer_matches_module(tmp_path, make_ckpt, mode):
 
     y = load_file(out)["output"]
     assert torch.allclose(y, y_ref, atol=1e-6, rtol=0)
-    assert [c.running_var for c in report.channels] == pytest.approx(bn.running_var.tolist(), abs=1e-7)
+    assert [c.running_var for c in report.channels] == pytest.approx(bn.running_var.tolist(), rel=1e-6)
     assert report.layer_source.endswith(":stage.2")
 
 
@@ -71,8 +71,9 @@ def test_statistics_match_float64_formula(tmp_path):
     y64 = y_ref.double().numpy()
     for c, row in enumerate(report.channels):
         values, out = x64[:, c].ravel(), y64[:, c].ravel()
-        assert row.input_mean == pytest.approx(values.mean(), rel=1e-12, abs=1e-12)
-        assert row.input_std == pytest.approx(values.std(ddof=1), rel=1e-12)
+        # The target (issue 5): relative error below 1e-6, the mean's taken against the channel's spread.
+        assert abs(row.input_mean - values.mean()) <= 1e-6 * values.std()
+        assert row.input_std == pytest.approx(values.std(ddof=1), rel=1e-6)
         assert row.output_mean == pytest.approx(out.mean(), abs=1e-7)
         assert row.output_std == pytest.approx(out.std(ddof=1), rel=1e-6)
         # Train mode normalizes with the biased variance, so the corrected std of the output is sqrt(n/(n-1)).
@@ -121,7 +122,7 @@ def test_cli_table_and_json(cli, tmp_path):
     assert data["input"]["shape"] == [8, 3, 16, 16]
     assert set(data["channels"][0]) >= {"index", "input_mean", "input_std", "output_mean", "output_std", "running_mean", "running_var"}
     x = torch.load(SAMPLES / "input.pt", weights_only=True).double()
-    assert data["channels"][1]["input_std"] == pytest.approx(x[:, 1].std().item(), rel=1e-9)
+    assert data["channels"][1]["input_std"] == pytest.approx(x[:, 1].std().item(), rel=1e-6)
     # eval with a fresh layer: said plainly, on stderr
     assert "running statistics are the defaults" in result.stderr
 

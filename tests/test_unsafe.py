@@ -91,6 +91,9 @@ def test_torch_load_always_called_with_weights_only(make_ckpt, tmp_path, monkeyp
         return real(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
+    import bncli.loading
+
+    monkeypatch.setattr(bncli.loading, "_torchzip_load", lambda path: None)  # zip files torchzip hands over
     load_checkpoint(make_ckpt(bn_state()))
     legacy = tmp_path / "legacy.pt"
     torch.save(bn_state(), legacy, _use_new_zipfile_serialization=False)
