@@ -16,7 +16,7 @@ COMMAND = {
     "epilog": "Examples:  bncli inspect model.pt  ·  bncli inspect model.pt --layer features.1  ·  "
     "bncli inspect checkpoints/ 'runs/**/*.pt' --format github --fail-on warning  ·  "
     "bncli inspect model.pt --ignore dead-channel --max-var 1e6.  "
-    "Rules: BN001..BN011, see docs/rules.md.  Settings may also come from \\[tool.bncli] in pyproject.toml; options win.",
+    "Rules: BN001..BN011, see docs/rules.md.  Settings may also come from the tool.bncli table of pyproject.toml; options win.",
 }
 
 
@@ -54,11 +54,11 @@ def run(
     ],
     layer: Annotated[Optional[str], typer.Option("--layer", "-l", help="Show one layer, channel by channel.")] = None,
     fmt: Annotated[
-        Optional[Format], typer.Option("--format", "-f", help="Output format. \\[default: table]", show_default=False)
+        Optional[Format], typer.Option("--format", "-f", help="Output format. (default: table)", show_default=False)
     ] = None,
     fail_on: Annotated[
         Optional[FailOn],
-        typer.Option("--fail-on", help="Exit 1 on a finding of at least this severity. \\[default: error]", show_default=False),
+        typer.Option("--fail-on", help="Exit 1 on a finding of at least this severity. (default: error)", show_default=False),
     ] = None,
     select: Annotated[
         Optional[list[str]],
@@ -72,14 +72,14 @@ def run(
         Optional[bool],
         typer.Option("--require-bn/--no-require-bn", help="A file without any BatchNorm layer is an error (BN011)."),
     ] = None,
-    eps: Annotated[Optional[float], _threshold("--eps", "The layers' eps in 1/sqrt(var + eps). \\[default: 1e-5]")] = None,
-    min_var: Annotated[Optional[float], _threshold("--min-var", "BN004: collapsed below this. \\[default: eps]")] = None,
-    max_var: Annotated[Optional[float], _threshold("--max-var", "BN008: running_var above. \\[default: 1e4]")] = None,
+    eps: Annotated[Optional[float], _threshold("--eps", "The layers' eps in 1/sqrt(var + eps). (default: 1e-5)")] = None,
+    min_var: Annotated[Optional[float], _threshold("--min-var", "BN004: collapsed below this. (default: eps)")] = None,
+    max_var: Annotated[Optional[float], _threshold("--max-var", "BN008: running_var above. (default: 1e4)")] = None,
     max_mean: Annotated[
-        Optional[float], _threshold("--max-mean", "BN008: |running_mean| above this is exploding. \\[default: 100]")
+        Optional[float], _threshold("--max-mean", "BN008: |running_mean| above this is exploding. (default: 100)")
     ] = None,
     dead_weight: Annotated[
-        Optional[float], _threshold("--dead-weight", "BN005: |weight| below this is a dead channel. \\[default: 1e-3]")
+        Optional[float], _threshold("--dead-weight", "BN005: |weight| below this is a dead channel. (default: 1e-3)")
     ] = None,
     state: Annotated[
         Optional[str],
