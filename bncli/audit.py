@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from bncli.errors import InputError
 from bncli.layers import find_layers, read_layer, select_layer
 from bncli.loading import TORCH_SUFFIXES, load_checkpoint
-from bncli.report import ChannelRow, FileReport, Finding, InspectReport, LayerReport, Summary
+from bncli.report import PROFILE_WIDTH, ChannelRow, FileReport, Finding, InspectReport, LayerReport, Summary
 from bncli.rules import ALL_IDS, Thresholds, run_file_rules, run_rules
 
 if TYPE_CHECKING:
@@ -146,9 +146,34 @@ def summarize_layer(bn: BNLayer, findings: list[Finding], per_channel: bool = Fa
         weight_abs_min=weight_abs,
         flags=tuple(dict.fromkeys(f.name for f in findings)),
         channels=channels,
-        running_var_values=tuple(float(v) for v in bn.running_var.astype(np.float64)),
-        weight_abs_values=None if bn.weight is None else tuple(float(v) for v in np.abs(bn.weight.astype(np.float64))),
+        running_var_profile=channel_profile(bn.running_var, log_scale=True),
+        weight_abs_profile=None if bn.weight is None else channel_profile(np.abs(bn.weight)),
     )
+
+
+def channel_profile(values, log_scale: bool = False, width: int = PROFILE_WIDTH) -> tuple[float, ...]:
+    """At most `width` channels' values, for a sparkline: all of them, or for each of `width` equal buckets of
+    channels the one farthest from the median (on a log scale for variances), or an invalid one (NaN, Inf, a
+    variance <= 0) when the bucket has any, so that squeezing 2048 channels into 16 keeps an outlier visible."""
+    import numpy as np
+
+    values = values.astype(np.float64)
+    n = values.size
+    if n <= width:
+        return tuple(float(v) for v in values)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        points = np.where(values > 0, np.log10(values), np.nan) if log_scale else values.copy()
+    points[~np.isfinite(points)] = np.nan
+    finite = np.sort(points[np.isfinite(points)])
+    median = finite[finite.size // 2] if finite.size else 0.0
+    picked = []
+    for i in range(width):
+        lo, hi = i * n // width, (i + 1) * n // width
+        bucket = points[lo:hi]
+        invalid = np.isnan(bucket)
+        at = int(np.argmax(invalid)) if invalid.any() else int(np.argmax(np.abs(bucket - median)))
+        picked.append(float(values[lo + at]))
+    return tuple(picked)
 
 
 def _summary(values, center) -> Summary:

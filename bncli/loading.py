@@ -273,9 +273,12 @@ def _keys(obj: Any) -> str:
 
 
 def _is_tensor(value: Any) -> bool:
+    """A tensor of any origin; torch and numpy are looked up, not imported: a module not loaded made no value."""
     import sys
 
-    if type(value).__name__ == "LazyTensor" and type(value).__module__ == "bncli.torchzip":
+    from bncli.torchzip import LazyTensor
+
+    if isinstance(value, LazyTensor):
         return True
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):

@@ -42,6 +42,9 @@ class Summary:
     max: float | None
 
 
+PROFILE_WIDTH = 16  # the widest sparkline any renderer draws
+
+
 @dataclass(frozen=True)
 class ChannelRow:
     index: int
@@ -64,9 +67,10 @@ class LayerReport:
     weight_abs_min: float | None
     flags: tuple[str, ...]  # names of the rules this layer raised
     channels: tuple[ChannelRow, ...] | None = None  # filled only when one layer is inspected
-    # Per-channel values in channel order, for the sparklines of the renderers (which import no numpy).
-    running_var_values: tuple[float, ...] = ()
-    weight_abs_values: tuple[float, ...] | None = None  # None: affine=False
+    # For the sparklines (renderers import no numpy): every channel's value when there are at most PROFILE_WIDTH
+    # channels, else one representative channel per bucket of channels, so a report stays small whatever the model.
+    running_var_profile: tuple[float, ...] = ()
+    weight_abs_profile: tuple[float, ...] | None = None  # None: affine=False
 
 
 @dataclass(frozen=True)

@@ -220,8 +220,9 @@ def test_sparkline_width_never_exceeds_16(tmp_path, make_ckpt):
 
     path = make_ckpt(bn_state(channels=300))
     rep = inspect_files([path])
-    assert len(var_spark(rep.files[0].layers[0].running_var_values)) == 16
-    assert rep.files[0].layers[0].weight_abs_values is not None and len(rep.files[0].layers[0].weight_abs_values) == 300
+    layer = rep.files[0].layers[0]
+    assert len(var_spark(layer.running_var_profile)) == 16
+    assert layer.weight_abs_profile is not None and len(layer.weight_abs_profile) == 16  # a report stays small
 
 
 def test_per_channel_values_are_exact(make_ckpt):
@@ -231,8 +232,8 @@ def test_per_channel_values_are_exact(make_ckpt):
     sd = bn_state(channels=5)
     rep = inspect_files([make_ckpt(sd)])
     lr = rep.files[0].layers[0]
-    assert lr.running_var_values == tuple(float(v) for v in sd["bn.running_var"].double())
-    assert lr.weight_abs_values == tuple(float(v) for v in torch.abs(sd["bn.weight"].double()))
+    assert lr.running_var_profile == tuple(float(v) for v in sd["bn.running_var"].double())
+    assert lr.weight_abs_profile == tuple(float(v) for v in torch.abs(sd["bn.weight"].double()))
     assert Path(rep.files[0].path).exists()
 
 
@@ -257,3 +258,21 @@ def test_table_gives_up_detail_not_readability_on_narrow_terminals():
     for text, width in ((wide, 200), (medium, 140), (narrow, 80)):
         assert max(len(line) for line in text.splitlines()[:6]) <= width
         assert "features.1 │ 16 │" in text  # layer names are never squeezed
+
+
+def test_profile_keeps_each_buckets_outlier_and_invalid_channels():
+    import numpy as np
+
+    from bncli.audit import channel_profile
+
+    var = np.ones(64, dtype=np.float32)
+    var[5] = 1e-8  # an outlier in bucket 1 (channels 4-7)
+    var[40] = np.nan  # an invalid channel in bucket 10
+    var[41] = 1e-3  # another outlier in the same bucket: the invalid one wins
+    profile = channel_profile(var, log_scale=True)
+    assert len(profile) == 16
+    assert profile[1] == pytest.approx(1e-8) and np.isnan(profile[10])
+    assert all(p == 1.0 for i, p in enumerate(profile) if i not in (1, 10))
+    # the sparkline of the profile shows what the sparkline of every channel shows
+    var[41] = 1.0
+    assert var_spark(channel_profile(var, log_scale=True)) == var_spark([float(v) for v in var])

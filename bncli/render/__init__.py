@@ -22,29 +22,33 @@ class UnsupportedFormat(BncliError):
     exit_code = ExitCode.USAGE
 
 
+# (command, format) -> "module:function" under bncli.render; imported only when chosen, so that `inspect`
+# never pays for the diff renderers or Rich's table code when it writes JSON.
+RENDERERS = {
+    ("inspect", Format.TABLE): "table:inspect_table",
+    ("inspect", Format.JSON): "json:inspect_json",
+    ("inspect", Format.MARKDOWN): "markdown:inspect_markdown",
+    ("inspect", Format.GITHUB): "github:inspect_github",
+    ("normalize", Format.TABLE): "table:normalize_table",
+    ("normalize", Format.JSON): "json:normalize_json",
+    ("diff", Format.TABLE): "diff:diff_table",
+    ("diff", Format.JSON): "diff:diff_json",
+    ("diff", Format.MARKDOWN): "diff:diff_markdown",
+    ("diff", Format.GITHUB): "diff:diff_github",
+    ("recalibrate", Format.TABLE): "diff:recalibrate_table",
+    ("recalibrate", Format.JSON): "diff:recalibrate_json",
+    ("recalibrate", Format.MARKDOWN): "diff:recalibrate_markdown",
+    ("recalibrate", Format.GITHUB): "diff:recalibrate_github",
+}
+
+
 def renderer_for(fmt: Format, command: str):
     """The render function for one command and one format."""
-    from bncli.render import diff, github, markdown, table
-    from bncli.render import json as json_render
+    import importlib
 
-    renderers = {
-        ("inspect", Format.TABLE): table.inspect_table,
-        ("inspect", Format.JSON): json_render.inspect_json,
-        ("inspect", Format.MARKDOWN): markdown.inspect_markdown,
-        ("inspect", Format.GITHUB): github.inspect_github,
-        ("normalize", Format.TABLE): table.normalize_table,
-        ("normalize", Format.JSON): json_render.normalize_json,
-        ("diff", Format.TABLE): diff.diff_table,
-        ("diff", Format.JSON): diff.diff_json,
-        ("diff", Format.MARKDOWN): diff.diff_markdown,
-        ("diff", Format.GITHUB): diff.diff_github,
-        ("recalibrate", Format.TABLE): diff.recalibrate_table,
-        ("recalibrate", Format.JSON): diff.recalibrate_json,
-        ("recalibrate", Format.MARKDOWN): diff.recalibrate_markdown,
-        ("recalibrate", Format.GITHUB): diff.recalibrate_github,
-    }
     fmt = Format(fmt)
-    if (command, fmt) not in renderers:
-        offered = ", ".join(f.value for f in Format if (command, f) in renderers)
+    if (command, fmt) not in RENDERERS:
+        offered = ", ".join(f.value for f in Format if (command, f) in RENDERERS)
         raise UnsupportedFormat(f"--format {fmt.value} is not available for `bncli {command}`; use one of: {offered}")
-    return renderers[(command, fmt)]
+    module, _, function = RENDERERS[(command, fmt)].partition(":")
+    return getattr(importlib.import_module(f"bncli.render.{module}"), function)

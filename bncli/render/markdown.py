@@ -54,10 +54,10 @@ def _layers(file: FileReport) -> list[str]:
     for layer in file.layers:
         v = layer.running_var
         numbers = " | ".join(fmt(x) for x in (v.min, v.center, v.max, layer.weight_abs_min))
-        w = weight_spark(layer.weight_abs_values)
+        w = weight_spark(layer.weight_abs_profile)
         lines.append(
             f"| {code(layer.name)} | {layer.num_features} | {fmt(layer.num_batches_tracked)} | {numbers} | "
-            f"`{var_spark(layer.running_var_values)}` | {f'`{w}`' if w else '-'} | {cell(', '.join(layer.flags))} |"
+            f"`{var_spark(layer.running_var_profile)}` | {f'`{w}`' if w else '-'} | {cell(', '.join(layer.flags))} |"
         )
     return lines
 

@@ -8,7 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bncli.render.common import fmt, provenance, summary_line
-from bncli.render.spark import var_spark, weight_spark
+from bncli.render.spark import BLOCKS, var_spark, weight_spark
 from bncli.report import FileReport, InspectReport, NormalizeReport, Severity
 
 STYLES = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
@@ -58,13 +58,15 @@ class _FitWidth:
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         unbounded = options.update(max_width=10**6)  # Measurement.get clamps to max_width: measure without it
         for spark, means in self.LEVELS:
-            needed = Measurement.get(console, unbounded, _layer_table(self.file, spark, means, flags=False)).maximum
+            trial = _layer_table(self.file, spark, means, flags=False, measuring=True)
+            needed = Measurement.get(console, unbounded, trial).maximum
             if needed + self.FLAGS <= options.max_width:
                 break
         yield _layer_table(self.file, spark, means)
 
 
-def _layer_table(file: FileReport, spark: int = 16, means: bool = True, flags: bool = True) -> Table:
+def _layer_table(file: FileReport, spark: int = 16, means: bool = True, flags: bool = True, measuring: bool = False) -> Table:
+    """The layer table; `measuring` fills the sparkline cells with blocks of the same width, for a cheap trial fit."""
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     table.add_column("layer", overflow="fold")
     headers = ("C", "batches", *(("mean\nmin", "mean\nmean", "mean\nmax") if means else ()), "var\nmin", "var\nmedian",
@@ -82,8 +84,10 @@ def _layer_table(file: FileReport, spark: int = 16, means: bool = True, flags: b
         cells = [layer.name, str(layer.num_features), fmt(layer.num_batches_tracked)]
         cells += [fmt(x) for x in ((m.min, m.center, m.max) if means else ())]
         cells += [fmt(x) for x in (v.min, v.center, v.max, layer.weight_abs_min)]
-        if spark:
-            cells += [var_spark(layer.running_var_values, spark), weight_spark(layer.weight_abs_values, spark)]
+        if spark and measuring:
+            cells += [BLOCKS[0] * min(layer.num_features, spark)] * 2
+        elif spark:
+            cells += [var_spark(layer.running_var_profile, spark), weight_spark(layer.weight_abs_profile, spark)]
         if flags:
             cells.append(Text(", ".join(layer.flags), style="red" if layer.flags else ""))
         table.add_row(*cells)
