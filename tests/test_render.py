@@ -276,3 +276,22 @@ def test_profile_keeps_each_buckets_outlier_and_invalid_channels():
     # the sparkline of the profile shows what the sparkline of every channel shows
     var[41] = 1.0
     assert var_spark(channel_profile(var, log_scale=True)) == var_spark([float(v) for v in var])
+
+
+@pytest.mark.parametrize("name", ["model_defects.pt", "model.safetensors"])
+def test_natural_width_equals_rich_measurement(name):
+    """The cheap width estimate that picks the table's detail level agrees with Rich's own measurement."""
+    import io
+
+    from conftest import SAMPLES
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    from bncli.render.table import _FitWidth, _layer_table, natural_width
+
+    (file,) = inspect_files([SAMPLES / name]).files
+    console = Console(width=300, file=io.StringIO())
+    for spark, means in _FitWidth.LEVELS:
+        for flags in (False, True):
+            table = _layer_table(file, spark, means, flags=flags)
+            assert natural_width(table) == Measurement.get(console, console.options.update(max_width=10**6), table).maximum
