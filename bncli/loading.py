@@ -572,6 +572,9 @@ def load_tensor(path: str | os.PathLike, key: str | None = None):
         if tensors:
             name = _choose_key(path, list(tensors), key)
             return tensors[name], name
+    if isinstance(obj, Mapping):
+        raise InputError(f"{p}: holds no tensor at the top level (a dict with keys: {_keys(obj)}); is it a checkpoint? "
+                         "`bncli inspect` reads checkpoints, `normalize` takes a tensor file")
     raise InputError(f"{p}: holds no tensor (found a {type(obj).__name__})")
 
 

@@ -130,7 +130,8 @@ def normalize(
     source = f"{input_path}" + (f"[{key_used}]" if key_used else "")
     x = validate_input(raw, source, add_batch_dim=add_batch_dim, channels_last=channels_last)
 
-    warnings = []
+    # Whatever the layer, an NHWC tensor whose H happens to equal C passes every check and is silently wrong.
+    warnings = [hint] if not channels_last and (hint := channels_last_warning(x)) else []
     state = None
     if checkpoint is not None:
         state = _checkpoint_layer(checkpoint, layer)
@@ -139,8 +140,6 @@ def normalize(
         num_features = state.num_features
     else:
         num_features = x.shape[1]
-        if not channels_last and (hint := channels_last_warning(x)):
-            warnings.append(hint)
         if mode == "eval":
             warnings.append(
                 "eval mode with a fresh BatchNorm2d: the running statistics are the defaults (mean 0, var 1), "

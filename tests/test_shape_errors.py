@@ -127,3 +127,15 @@ def test_no_channels_last_hint_for_square_nchw_images(cli, make_ckpt):
     result = cli("normalize", SAMPLES / "input.pt", "-c", SAMPLES / "model.pt", "-l", "features.1")
     _one_line_error(result, "3 channels in dim 1", "num_features=16")
     assert "--channels-last" not in result.stderr
+
+
+def test_checkpoint_layer_warns_when_input_looks_nhwc(cli):
+    # (8, 16, 16, 3): dim 1 (H = 16) equals features.1's 16 channels, so every check passes and the numbers
+    # would be silently wrong; the warning says so.
+    result = cli("normalize", SAMPLES / "input_nhwc.pt", "-c", SAMPLES / "model.pt", "-l", "features.1")
+    assert result.exit_code == 0, result
+    assert "looks channels-last (N, H, W, C) with C=3" in result.stderr
+
+
+def test_checkpoint_given_as_tensor_says_what_it_is(cli):
+    _one_line_error(cli("normalize", SAMPLES / "model.pt"), "holds no tensor at the top level", "state_dict, epoch, arch", "bncli inspect")
