@@ -305,7 +305,8 @@ def test_compressed_record_refused(tmp_path, no_torch_load):
     )
 
 
-def test_flipped_bit_in_tensor_data_caught_by_crc(tmp_path, no_torch_load):
+def _flipped_bit(tmp_path):
+    """A torch.save archive with one bit flipped in a tensor record; returns its path and the record's name."""
     good = tmp_path / "good.pt"
     torch.save(bn_state(), good)
     data = bytearray(good.read_bytes())
@@ -313,6 +314,11 @@ def test_flipped_bit_in_tensor_data_caught_by_crc(tmp_path, no_torch_load):
     data[r["data"] + 1] ^= 0x10
     path = tmp_path / "flipped.pt"
     path.write_bytes(bytes(data))
+    return path, name
+
+
+def test_flipped_bit_in_tensor_data_caught_by_crc(tmp_path, no_torch_load):
+    path, name = _flipped_bit(tmp_path)
     with pytest.raises(InputError) as info:
         ckpt = load_checkpoint(path)  # the torch-free reader checks a record's CRC when it reads it
         [ckpt.read(key) for key in ckpt]
@@ -323,13 +329,7 @@ def test_flipped_bit_caught_on_the_torch_load_path_too(tmp_path, monkeypatch):
     import bncli.loading
 
     monkeypatch.setattr(bncli.loading, "_torchzip_load", lambda path: None)  # as for files torchzip hands over
-    good = tmp_path / "good.pt"
-    torch.save(bn_state(), good)
-    data = bytearray(good.read_bytes())
-    name, r = record(bytes(data), "data/2")
-    data[r["data"] + 1] ^= 0x10
-    path = tmp_path / "flipped.pt"
-    path.write_bytes(bytes(data))
+    path, name = _flipped_bit(tmp_path)
     with pytest.raises(InputError) as info:
         load_checkpoint(path)  # checked before torch maps anything
     assert info.value.message == f"{path}: corrupt: record {name!r} fails its CRC-32 check (the file is damaged)"
