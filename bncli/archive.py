@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bncli.errors import InputError
+from bncli.errors import InputError, first_line
 
 # What bncli may read into memory at once (a legacy pickle's storages, a zip's data.pkl, an .npz):
 # mapped zip records are not counted, since they are never copied. Raise it with BNCLI_MAX_LOAD_BYTES.
@@ -45,8 +45,15 @@ def show(path: str | os.PathLike) -> str:
 
 
 def max_load_bytes() -> int:
-    value = os.environ.get("BNCLI_MAX_LOAD_BYTES", "")
-    return int(value) if value.isdigit() else DEFAULT_MAX_LOAD_BYTES
+    """The cap on what loading may copy into memory: BNCLI_MAX_LOAD_BYTES (a plain number of bytes), or 8 GB."""
+    value = os.environ.get("BNCLI_MAX_LOAD_BYTES", "").strip()
+    if not value:
+        return DEFAULT_MAX_LOAD_BYTES
+    if not value.isdigit():
+        from bncli.errors import UsageError
+
+        raise UsageError(f"BNCLI_MAX_LOAD_BYTES={value!r} is not a number of bytes (e.g. 8000000000)")
+    return int(value)
 
 
 def human(n: int) -> str:
@@ -98,7 +105,7 @@ def check_torch_zip(path: Path, *, verify_crc: bool = True) -> TorchZip:
             infos = zf.infolist()
             cd_start = zf.start_dir
     except Exception as exc:  # noqa: BLE001 - zipfile raises many types (even NotImplementedError) on damage
-        raise InputError(f"{p}: corrupt zip archive ({_first_line(exc)})") from None
+        raise InputError(f"{p}: corrupt zip archive ({first_line(exc)})") from None
     if not infos:
         raise InputError(f"{p}: empty zip archive")
     root = infos[0].filename.split("/", 1)[0]
@@ -357,7 +364,7 @@ def check_safetensors(path: Path) -> dict[str, SafetensorsEntry]:
     except _Duplicate as exc:
         raise InputError(f"{p}: corrupt safetensors file: the key {exc.key!r} appears twice in the header") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise InputError(f"{p}: corrupt safetensors file: its header is not valid JSON ({_first_line(exc)})") from None
+        raise InputError(f"{p}: corrupt safetensors file: its header is not valid JSON ({first_line(exc)})") from None
     if not isinstance(header, dict):
         raise InputError(f"{p}: corrupt safetensors file: its header is not a JSON object")
     meta = header.pop("__metadata__", {})
@@ -424,6 +431,3 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

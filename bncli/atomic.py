@@ -55,6 +55,15 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def _umask() -> int:
+    """The process umask, read from /proc where Linux shows it: setting and restoring it (the only portable way
+    to read it) would briefly change it for every other thread."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

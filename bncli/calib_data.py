@@ -142,7 +142,8 @@ def _open_tensor(path: Path, key: str | None) -> tuple[Any, str, str | None, str
     mmapped torch tensor), plus its format, the key used and its dtype name. `key` names the tensor in files
     of named tensors; unnamed ones (.npy, a bare torch tensor) ignore it, so mixed --data lists work."""
     from bncli.archive import SAFETENSORS_DTYPES, check_safetensors
-    from bncli.loading import _choose_key, _first_line, _torch_load, sniff
+    from bncli.errors import first_line as _first_line
+    from bncli.loading import _choose_key, _torch_load, sniff
 
     fmt = sniff(path)
     if fmt == "npy":

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from bncli import __version__
-from bncli.errors import BncliError, ExitCode
+from bncli.errors import BncliError, ExitCode, OutputError
 
 app = typer.Typer(
     name="bncli",
@@ -95,10 +95,18 @@ def guarded(command):
 
 def emit(rendered) -> None:
     """Print a rendered report on stdout: strings as they are (JSON never goes through Rich), renderables via Rich."""
-    if isinstance(rendered, str):
-        sys.stdout.write(rendered + "\n")
-    else:
-        stdout_console().print(rendered)
+    try:
+        if isinstance(rendered, str):
+            sys.stdout.write(rendered + "\n")
+        else:
+            stdout_console().print(rendered)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader left (`bncli inspect ... | head`): not an error. Point stdout at /dev/null so that the
+        # interpreter's final flush does not complain; the exit code stays the command's own.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as exc:
+        raise OutputError(f"cannot write the report to stdout ({exc.strerror or exc})") from None
 
 
 def _version(value: bool) -> None:

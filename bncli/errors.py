@@ -16,6 +16,12 @@ class ExitCode(enum.IntEnum):
     INTERRUPTED = 130
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type's name): what a one-line error can quote."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class BncliError(Exception):
     """An error the user can act on; printed as one `error:` line, never with a traceback."""
 
@@ -26,8 +32,20 @@ class BncliError(Exception):
         self.message = message
 
 
+class UsageError(BncliError):
+    """Options or settings that do not fit together (Typer's own usage errors exit 2 too)."""
+
+    exit_code = ExitCode.USAGE
+
+
 class InputError(BncliError):
     """The input file cannot be used: missing, unreadable, corrupt, unsafe or unsupported."""
+
+    exit_code = ExitCode.INPUT
+
+
+class OutputError(BncliError):
+    """A result cannot be written (stdout on a full disk...): not a bug in bncli, so exit 3 like an input error."""
 
     exit_code = ExitCode.INPUT
 

@@ -22,7 +22,7 @@ from bncli.archive import (
     max_load_bytes,
     show,
 )
-from bncli.errors import BncliError, InputError, UnsafeFileError
+from bncli.errors import BncliError, InputError, UnsafeFileError, first_line
 
 # Keys under which training scripts commonly nest the model's state dict, in order of preference:
 # the main model before its EMA copy, so that a checkpoint holding both reports the model.
@@ -118,7 +118,7 @@ def _sniff_zip(path: Path) -> str:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
     except Exception as exc:  # noqa: BLE001 - zipfile raises many types (even NotImplementedError) on damage
-        raise InputError(f"{show(path)}: corrupt zip archive ({_first_line(exc)})") from None
+        raise InputError(f"{show(path)}: corrupt zip archive ({first_line(exc)})") from None
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
         raise UnsafeFileError(
             f"{show(path)}: a TorchScript archive; bncli never runs TorchScript code. "
@@ -184,7 +184,7 @@ class Checkpoint(Mapping[str, Any]):
         except BncliError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure to decode a value from the file is an input error
-            raise InputError(f"{self.provenance.path}: cannot read {name} ({_first_line(exc)})") from None
+            raise InputError(f"{self.provenance.path}: cannot read {name} ({first_line(exc)})") from None
 
 
 def load_checkpoint(path: str | os.PathLike, state: str | None = None, strip_prefix: str | None = None) -> Checkpoint:
@@ -376,7 +376,7 @@ def _checked_load(path: Path, p: str, fmt: str) -> Any:
     except BncliError:
         raise
     except Exception as exc:  # noqa: BLE001 - anything the structure check trips on is damage in the file
-        raise InputError(f"{p}: corrupt torch file ({_first_line(exc)})") from None
+        raise InputError(f"{p}: corrupt torch file ({first_line(exc)})") from None
     if fmt == "torch-legacy":
         return _call_torch_load(path, fmt, mmap=False)
     # Mapped only after the archive passed its checks; the storages are then matched to their records before use.
@@ -408,7 +408,7 @@ def _call_torch_load(path: Path, fmt: str, mmap: bool) -> Any:
     except MemoryError:
         raise InputError(f"{show(path)}: not enough memory to load it") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged files; all are input errors
-        raise InputError(f"{show(path)}: corrupt or unreadable torch file ({_first_line(exc)})") from None
+        raise InputError(f"{show(path)}: corrupt or unreadable torch file ({first_line(exc)})") from None
 
 
 @contextlib.contextmanager
@@ -442,7 +442,7 @@ def _unsafe(path: Path, fmt: str, exc: Exception) -> InputError:
         globals_ = []
     if not globals_:
         detail = re.search(r"WeightsUnpickler error: ([^\n]+)", str(exc))
-        first = (detail.group(1) if detail else _first_line(exc)).split(" Please use")[0]  # never advise allowlisting
+        first = (detail.group(1) if detail else first_line(exc)).split(" Please use")[0]  # never advise allowlisting
         return InputError(f"{show(path)}: corrupt or unsupported torch pickle ({first})")
     names = ", ".join(dict.fromkeys(globals_))
     return UnsafeFileError(
@@ -525,9 +525,6 @@ class _SafetensorsReader:
         return array.astype(np.float32) if entry.dtype == "F16" else array.copy()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- tensors
@@ -546,7 +543,10 @@ def load_tensor(path: str | os.PathLike, key: str | None = None):
         try:
             array = np.load(path, allow_pickle=False, mmap_mode="r")
         except (ValueError, OSError, EOFError) as exc:
-            raise InputError(f"{p}: unreadable .npy file ({_first_line(exc)})") from None
+            raise InputError(f"{p}: unreadable .npy file ({first_line(exc)})") from None
+        cap = max_load_bytes()
+        if array.nbytes > cap:  # the mapping costs nothing yet; the copy below would
+            raise InputError(f"{p}: declares {human(array.nbytes)} of data, above the {human(cap)} limit (BNCLI_MAX_LOAD_BYTES)")
         return _numpy_to_torch(path, np.array(array)), None
     if fmt == "npz":
         return _load_npz(path, key)
@@ -558,7 +558,7 @@ def load_tensor(path: str | os.PathLike, key: str | None = None):
         except BncliError:
             raise
         except Exception as exc:  # noqa: BLE001 - a value that cannot be decoded is an input error
-            raise InputError(f"{p}: cannot read {name} ({_first_line(exc)})") from None
+            raise InputError(f"{p}: cannot read {name} ({first_line(exc)})") from None
         if reader.dtype(name) in ("bfloat16", "float16"):
             return torch.from_numpy(array).to(getattr(torch, reader.dtype(name))), name
         return _numpy_to_torch(path, array), name
@@ -596,7 +596,7 @@ def _load_npz(path: Path, key: str | None):
     except BncliError:
         raise
     except Exception as exc:  # noqa: BLE001 - zipfile, zlib and numpy each raise their own types for damage
-        raise InputError(f"{p}: corrupt .npz file ({_first_line(exc)})") from None
+        raise InputError(f"{p}: corrupt .npz file ({first_line(exc)})") from None
 
 
 def _choose_key(path: Path, keys: list[str], key: str | None) -> str:
@@ -616,4 +616,6 @@ def _numpy_to_torch(path: Path, array):
 
     if array.dtype.hasobject or array.dtype.kind not in "biufc":
         raise InputError(f"{show(path)}: numpy dtype {array.dtype} cannot become a tensor")
+    if not array.dtype.isnative:  # a big-endian .npy: torch takes native byte order only
+        array = array.astype(array.dtype.newbyteorder("="))
     return torch.from_numpy(array.copy() if not array.flags.writeable else array)

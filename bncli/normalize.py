@@ -15,9 +15,15 @@ if TYPE_CHECKING:
 OUTPUT_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
+def _dtypes():
+    import torch
+
+    return (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what torch's CPU batch_norm implements
+
+
 def validate_input(x: torch.Tensor, source: str, *, add_batch_dim: bool = False, channels_last: bool = False) -> torch.Tensor:
     """Return `x` as (N, C, H, W), or raise ShapeError with one line that says what to do."""
-    if x.dtype.is_complex or not x.dtype.is_floating_point:
+    if x.dtype not in _dtypes():
         raise ShapeError(
             f"{source}: dtype {str(x.dtype).removeprefix('torch.')} is not supported; BatchNorm2d needs a floating-point "
             "tensor (float16, bfloat16, float32 or float64)"
@@ -96,9 +102,11 @@ def build_layer(num_features: int, *, eps: float, momentum: float | None, affine
             bn.running_mean.copy_(torch.from_numpy(state.running_mean))
             bn.running_var.copy_(torch.from_numpy(state.running_var))
             bn.num_batches_tracked.fill_(state.num_batches_tracked or 0)
-            if affine:
-                bn.weight.copy_(torch.from_numpy(state.weight))
-                bn.bias.copy_(torch.from_numpy(state.bias) if state.bias is not None else torch.zeros(num_features))
+            if affine:  # a file may hold only one of the two: the other keeps its identity value (1 or 0)
+                if state.weight is not None:
+                    bn.weight.copy_(torch.from_numpy(state.weight))
+                if state.bias is not None:
+                    bn.bias.copy_(torch.from_numpy(state.bias))
     return bn
 
 
@@ -135,7 +143,7 @@ def normalize(
     state = None
     if checkpoint is not None:
         state = _checkpoint_layer(checkpoint, layer)
-        affine = affine and state.weight is not None
+        affine = affine and (state.weight is not None or state.bias is not None)
         check_channels(x, state.num_features, source, f"layer {layer!r}", channels_last)
         num_features = state.num_features
     else:

@@ -96,7 +96,7 @@ def check_non_finite(layer: BNLayer, t: Thresholds) -> Hits:
 
 def check_negative_var(layer: BNLayer, t: Thresholds) -> Hits:
     bad = _channels(layer.running_var < 0)
-    return [(bad, f"running_var is negative in channel(s) {_show(bad)}; a variance cannot be")] if bad else []
+    return [(bad, f"running_var is negative in channel(s) {_show(bad)}, which no variance can be: the statistics are corrupt")] if bad else []
 
 
 def check_never_updated(layer: BNLayer, t: Thresholds) -> Hits:

@@ -199,6 +199,22 @@ def _encode(obj, encoding="latin1"):
     return obj.encode("latin1")
 
 
+def _bytearray(source=b"", *args):
+    """bytearray, except from a bare size: every other object a pickle builds is bounded by the pickle's own
+    length, but bytearray(2**31) is a 2 GB allocation from a few bytes. No state dict needs that; torch.load
+    would allocate it, so the file is refused here instead of being handed over."""
+    if isinstance(source, int) and source > _MAX_BYTEARRAY:
+        raise _Refused(f"refused: its pickle asks for bytearray({source}), {source} bytes from nothing; no state dict needs that")
+    return bytearray(source, *args)
+
+
+class _Refused(Exception):
+    """The file is refused outright (handing it to torch.load would do the harm)."""
+
+
+_MAX_BYTEARRAY = 1 << 20
+
+
 class _StorageType:
     __slots__ = ("name",)
 
@@ -217,7 +233,7 @@ _GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
     ("_codecs", "encode"): _encode,
     ("builtins", "set"): set,
-    ("builtins", "bytearray"): bytearray,
+    ("builtins", "bytearray"): _bytearray,
     ("builtins", "complex"): complex,
     **{("torch", name): _StorageType(name) for name in STORAGE_DTYPES},
 }
@@ -284,5 +300,10 @@ def load(path: str | os.PathLike) -> Any:
         return _Unpickler(archive.data_pkl, archive).load()
     except Unsupported:
         raise
+    except _Refused as exc:
+        from bncli.archive import show
+        from bncli.errors import InputError
+
+        raise InputError(f"{show(path)}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any failure of a hostile or odd pickle: let torch judge the file
         raise Unsupported(f"{type(exc).__name__}: {exc}") from None

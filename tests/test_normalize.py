@@ -147,3 +147,52 @@ def test_checkpoint_layer_from_sample(cli):
     assert data["layer"].endswith("model.pt:features.1")
     assert len(data["channels"]) == 16
     assert result.stderr == ""
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_other_float_dtypes_match_the_module(tmp_path, dtype, mode):
+    x = (torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(7)) * 2 + 1).to(dtype)
+    out = tmp_path / "y.pt"
+    report = normalize(_save(tmp_path, x), mode=mode, output=out)
+    bn = nn.BatchNorm2d(3).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    bn.train(mode == "train")
+    with torch.no_grad():
+        y_ref = bn(x)
+    y = torch.load(out, weights_only=True)
+    assert y.dtype == dtype
+    tol = {torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]  # an ulp of the dtype at |y| ~ 2
+    assert torch.allclose(y.double(), y_ref.double(), atol=tol, rtol=0)
+    assert [c.running_var for c in report.channels] == pytest.approx(bn.running_var.tolist(), rel=1e-6)
+    y64 = y.double().numpy()
+    for c, row in enumerate(report.channels):
+        assert row.output_std == pytest.approx(y64[:, c].std(ddof=1), rel=1e-6)
+
+
+def test_layer_with_bias_but_no_weight_keeps_its_bias(tmp_path, make_ckpt):
+    state = bn_state(channels=3, prefix="bn")
+    del state["bn.weight"]
+    ckpt = make_ckpt(state)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(8))
+    out = tmp_path / "y.pt"
+    normalize(_save(tmp_path, x), mode="eval", checkpoint=ckpt, layer="bn", output=out)
+    bn = nn.BatchNorm2d(3).eval()
+    bn.load_state_dict({k.removeprefix("bn."): v for k, v in state.items()}, strict=False)  # weight stays 1
+    with torch.no_grad():
+        assert torch.allclose(torch.load(out, weights_only=True), bn(x), atol=1e-6, rtol=0)
+
+
+def test_stdout_errors(tmp_path):
+    """A full disk on stdout is one error line and exit 3; a reader that leaves early (| head) is no error."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "bncli", "inspect", str(SAMPLES / "model.pt"), "-f", "json"],
+                              cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 3 and proc.stderr == "error: cannot write the report to stdout (No space left on device)\n"
+    head = subprocess.run(f"{sys.executable} -m bncli inspect {SAMPLES / 'model_defects.pt'} --layer features.9 | head -1",
+                          shell=True, cwd=ROOT, capture_output=True, text=True, executable="/bin/bash")
+    assert head.stdout.startswith(str(SAMPLES / "model_defects.pt")) and head.stderr == ""

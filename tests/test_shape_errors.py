@@ -93,8 +93,9 @@ def test_missing_file(cli, tmp_path):
     _one_line_error(cli("normalize", tmp_path / "nope.pt"), "nope.pt", "no such file")
 
 
-def test_checkpoint_without_layer_is_an_error(cli, make_ckpt):
-    _one_line_error(cli("normalize", SAMPLES / "input.pt", "-c", make_ckpt(bn_state())), "--checkpoint and --layer go together")
+def test_checkpoint_without_layer_is_a_usage_error(cli, make_ckpt):
+    result = cli("normalize", SAMPLES / "input.pt", "-c", make_ckpt(bn_state()))
+    assert result.exit_code == 2 and "--checkpoint and --layer go together" in result.stderr
 
 
 def test_unknown_layer_in_normalize(cli):
@@ -139,3 +140,40 @@ def test_checkpoint_layer_warns_when_input_looks_nhwc(cli):
 
 def test_checkpoint_given_as_tensor_says_what_it_is(cli):
     _one_line_error(cli("normalize", SAMPLES / "model.pt"), "holds no tensor at the top level", "state_dict, epoch, arch", "bncli inspect")
+
+
+def test_float8_input_is_refused_in_one_line(cli, tensor_file):
+    x = torch.randn(2, 3, 4, 4).to(torch.float8_e4m3fn)
+    _one_line_error(cli("normalize", tensor_file(x)), "dtype float8_e4m3fn is not supported")
+
+
+def test_big_endian_npy_is_read(cli, tmp_path):
+    import numpy as np
+
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 4)).astype(">f4")
+    np.save(tmp_path / "be.npy", x)
+    result = cli("normalize", tmp_path / "be.npy", "-f", "json")
+    assert result.exit_code == 0, result
+    import json
+
+    channels = json.loads(result.stdout)["channels"]
+    assert channels[1]["input_mean"] == pytest.approx(x[:, 1].astype(np.float64).mean(), rel=1e-6)
+
+
+def test_unsupported_format_fails_before_writing(cli, tmp_path):
+    out = tmp_path / "y.pt"
+    result = cli("normalize", SAMPLES / "input.pt", "-o", out, "-f", "markdown")
+    assert result.exit_code == 2 and "not available for `bncli normalize`" in result.stderr
+    assert not out.exists()
+
+
+def test_npy_above_the_memory_cap(cli, monkeypatch):
+    monkeypatch.setenv("BNCLI_MAX_LOAD_BYTES", "1000")
+    _one_line_error(cli("normalize", SAMPLES / "input.npy"), "declares 24.6 KB of data, above the 1.0 KB limit (BNCLI_MAX_LOAD_BYTES)")
+
+
+def test_bad_memory_cap_setting_is_a_usage_error(cli, monkeypatch):
+    monkeypatch.setenv("BNCLI_MAX_LOAD_BYTES", "8G")
+    result = cli("inspect", SAMPLES / "model.pt")
+    assert result.exit_code == 2
+    assert result.stderr == "error: BNCLI_MAX_LOAD_BYTES='8G' is not a number of bytes (e.g. 8000000000)\n"

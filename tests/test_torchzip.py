@@ -278,3 +278,19 @@ def test_damaged_bytes_never_escape_as_other_errors(tmp_path):
             pass
 
     check()
+
+
+def test_bytearray_bomb_is_refused_without_allocating(tmp_path, cli):
+    """816 bytes that would make torch.load allocate 2 GB: refused before any allocation, by both readers' gate."""
+    import resource
+
+    path = tmp_path / "bomb.pt"
+    torch.save({"x": torch.ones(2)}, path)
+    bomb = b"\x80\x02c__builtin__\nbytearray\nJ\xff\xff\xff\x7f\x85R."  # bytearray(2**31 - 1)
+    _rewrite(path, lambda n, d: bomb if n.endswith("data.pkl") else d)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(InputError, match=r"refused: its pickle asks for bytearray\(2147483647\)"):
+        torchzip.load(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KB: nothing like 2 GB
+    result = cli("inspect", path)
+    assert result.exit_code == ExitCode.INPUT and "bytearray(2147483647)" in result.stderr

@@ -80,6 +80,9 @@ def run(
     from bncli.normalize import normalize
     from bncli.render import renderer_for
 
+    if (checkpoint is None) != (layer is None):
+        raise typer.BadParameter("--checkpoint and --layer go together: name the file and the layer in it")
+    render = renderer_for(fmt, "normalize")  # before any work: an unsupported format must not leave an output behind
     report = normalize(
         input,
         mode=mode.value,
@@ -95,4 +98,4 @@ def run(
     )
     for message in report.warnings:
         warn(message)
-    emit(renderer_for(fmt, "normalize")(report))
+    emit(render(report))
