@@ -73,7 +73,7 @@ def run(
 ) -> None:
     """Apply BatchNorm2d to a tensor in train or eval mode; print per-channel mean/std before and after.
 
-    The output equals nn.BatchNorm2d's. std is computed as torch.Tensor.std does (correction=1).
+    The output matches nn.BatchNorm2d's (to 1e-6 in float32). std is computed as torch.Tensor.std does (correction=1).
     In train mode the table also shows the running statistics after the update.
     """
     from bncli.cli import emit, warn
