@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bncli.errors import BncliError, ExitCode
+from bncli.errors import UsageError
 from bncli.rules import Thresholds, select_rules
 
 # key -> (accepted Python types, description for error messages)
@@ -27,10 +27,8 @@ FAIL_ON = ("error", "warning", "info", "never")
 _POSITIVE = {"eps", "max-var", "max-mean"}
 
 
-class ConfigError(BncliError):
+class ConfigError(UsageError):
     """A bad [tool.bncli] table or a bad option value: a usage error."""
-
-    exit_code = ExitCode.USAGE
 
 
 @dataclass(frozen=True)

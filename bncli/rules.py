@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bncli.errors import BncliError, ExitCode
+from bncli.errors import UsageError
 from bncli.report import Finding, Severity
 
 if TYPE_CHECKING:
@@ -46,10 +46,8 @@ class Rule:
     scope: str = "layer"  # "layer" or "file"
 
 
-class RuleSelectionError(BncliError):
+class RuleSelectionError(UsageError):
     """--select or --ignore (or the config file) names a rule that does not exist."""
-
-    exit_code = ExitCode.USAGE
 
 
 def _channels(mask) -> tuple[int, ...]:
@@ -246,7 +244,10 @@ def _split(keys: Iterable[str] | None) -> list[str]:
 def select_rules(select: Iterable[str] | None = None, ignore: Iterable[str] | None = None) -> frozenset[str]:
     """The ids left after --select (default: all) and --ignore; each accepts ids or names, repeated or comma-separated."""
     chosen = {rule_by_key(k).id for k in _split(select)} if _split(select) else set(ALL_IDS)
-    return frozenset(chosen - {rule_by_key(k).id for k in _split(ignore)})
+    left = frozenset(chosen - {rule_by_key(k).id for k in _split(ignore)})
+    if not left:  # a gate that can never fail is a mistake, not a setting
+        raise UsageError("--select and --ignore leave no rule to run")
+    return left
 
 
 def run_rules(layer: BNLayer, thresholds: Thresholds = Thresholds(), selected: frozenset[str] = ALL_IDS) -> list[Finding]:

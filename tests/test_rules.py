@@ -291,3 +291,11 @@ def test_selected_rules_only_are_reported():
     bn = layer(var=[1.0, 1e-8, -1.0, 1.0], weight=[0.0, 1.0, 1.0, 1.0])
     assert {f.rule for f in run_rules(bn)} == {"BN002", "BN004", "BN005"}
     assert {f.rule for f in run_rules(bn, selected=select_rules(["BN004"]))} == {"BN004"}
+
+
+def test_select_and_ignore_leaving_no_rule_is_a_usage_error(cli):
+    from conftest import SAMPLES
+
+    result = cli("inspect", SAMPLES / "model_defects.pt", "--select", "never-updated", "--ignore", "BN003")
+    assert result.exit_code == 2
+    assert result.stderr == "error: --select and --ignore leave no rule to run\n"
