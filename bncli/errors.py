@@ -26,6 +26,12 @@ class BncliError(Exception):
         self.message = message
 
 
+class UsageError(BncliError):
+    """Options that cannot be used together, or a choice the command cannot honour."""
+
+    exit_code = ExitCode.USAGE
+
+
 class InputError(BncliError):
     """The input file cannot be used: missing, unreadable, corrupt, unsafe or unsupported."""
 
