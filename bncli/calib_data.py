@@ -91,16 +91,32 @@ def plan(sources: list[Source], batch_size: int, num_samples: int | None) -> lis
 
 
 class Reader:
-    """Reads batches, opening each file afresh for every piece: no mapping outlives a batch, so memory stays flat."""
+    """Reads batches, opening each file once: batches come in file order, so only the current file stays open.
+    .npy and .safetensors rows are read with plain file reads (no mapping, whose touched pages would stay
+    resident: memory stays flat however large the file); a .pt file is loaded once, memory-mapped."""
 
     def __init__(self, sources: list[Source]) -> None:
         self.sources = sources
+        self.index: int | None = None
+        self.opened: Any = None
 
     def read(self, batch: Batch):
         import torch
 
-        parts = [_slice(_array(self.sources[i]), start, end) for i, start, end in batch]
+        parts = [_slice(self._open(i), start, end) for i, start, end in batch]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _open(self, index: int) -> Any:
+        if index != self.index:
+            self.close()  # the previous file is closed before the next one opens
+            self.opened = _array(self.sources[index])
+            self.index = index
+        return self.opened
+
+    def close(self) -> None:
+        if isinstance(self.opened, _Rows):
+            self.opened.close()
+        self.opened = self.index = None
 
 
 def tensor_like_shape(obj: Any) -> tuple[int, ...]:
@@ -114,13 +130,65 @@ def _slice(obj: Any, start: int, end: int):
     import torch
 
     part = obj[start:end]
+    if isinstance(obj, _Rows):
+        return part  # already a fresh tensor
     if isinstance(part, np.ndarray):
-        return torch.from_numpy(np.array(part))  # a copy, in memory: the memmap is closed after the batch
+        return torch.from_numpy(np.array(part))  # a copy: the batch must not keep the memmap's pages alive
     return part.clone(memory_format=torch.contiguous_format)
 
 
 def _array(source: Source) -> Any:
+    """What the reader slices batches from: rows read from the file where the layout allows, else _open_tensor's."""
+    if source.fmt == "npy":
+        array = _open_tensor(source.path, None)[0]
+        if array.flags.c_contiguous:  # not Fortran order: sample i is one run of bytes
+            return _Rows(source.path, int(array.offset), tuple(array.shape), np_dtype=array.dtype)
+        return array
+    if source.fmt == "safetensors":
+        import torch
+
+        from bncli.archive import SAFETENSORS_DTYPES, check_safetensors
+
+        entry = check_safetensors(source.path)[source.key]
+        dtype = getattr(torch, SAFETENSORS_DTYPES[entry.dtype][0])
+        return _Rows(source.path, entry.start, entry.shape, torch_dtype=dtype)
     return _open_tensor(source.path, source.key)[0]
+
+
+class _Rows:
+    """Samples [start:end) of a C-ordered (N, ...) array stored raw at `offset`: one seek and one read per slice."""
+
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], np_dtype: Any = None, torch_dtype: Any = None) -> None:
+        import math
+
+        self.path = path
+        self.offset = offset
+        self.shape = shape
+        self.np_dtype = np_dtype
+        self.torch_dtype = torch_dtype
+        itemsize = np_dtype.itemsize if np_dtype is not None else torch_dtype.itemsize
+        self.row_bytes = math.prod(shape[1:]) * itemsize
+        self.fh = path.open("rb")
+
+    def __getitem__(self, index: slice):
+        import numpy as np
+        import torch
+
+        start, stop, _ = index.indices(self.shape[0])
+        buf = bytearray((stop - start) * self.row_bytes)
+        self.fh.seek(self.offset + start * self.row_bytes)
+        if self.fh.readinto(buf) != len(buf):
+            raise InputError(f"{self.path}: truncated: the file ends inside sample {start}..{stop - 1}")
+        shape = (stop - start, *self.shape[1:])
+        if self.np_dtype is None:
+            return torch.frombuffer(buf, dtype=self.torch_dtype).reshape(shape)
+        array = np.frombuffer(buf, dtype=self.np_dtype).reshape(shape)
+        if not array.dtype.isnative:  # a big-endian .npy: torch takes native byte order only
+            array = array.astype(array.dtype.newbyteorder("="))
+        return torch.from_numpy(array)
+
+    def close(self) -> None:
+        self.fh.close()
 
 
 class _Sliceable:
@@ -142,7 +210,7 @@ def _open_tensor(path: Path, key: str | None) -> tuple[Any, str, str | None, str
     mmapped torch tensor), plus its format, the key used and its dtype name. `key` names the tensor in files
     of named tensors; unnamed ones (.npy, a bare torch tensor) ignore it, so mixed --data lists work."""
     from bncli.archive import SAFETENSORS_DTYPES, check_safetensors
-    from bncli.errors import first_line as _first_line
+    from bncli.errors import first_line
     from bncli.loading import _choose_key, _torch_load, sniff
 
     fmt = sniff(path)
@@ -152,8 +220,8 @@ def _open_tensor(path: Path, key: str | None) -> tuple[Any, str, str | None, str
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except ValueError as exc:
-            raise InputError(f"{path}: unreadable .npy file ({_first_line(exc)})") from None
-        return array, fmt, None, str(array.dtype)
+            raise InputError(f"{path}: unreadable .npy file ({first_line(exc)})") from None
+        return array, fmt, None, array.dtype.name  # "float32" whatever the byte order
     if fmt == "safetensors":
         check_safetensors(path)  # the same header checks as for checkpoints, before safetensors maps the file
         try:
@@ -165,7 +233,7 @@ def _open_tensor(path: Path, key: str | None) -> tuple[Any, str, str | None, str
         except InputError:
             raise
         except Exception as exc:
-            raise InputError(f"{path}: corrupt safetensors file ({_first_line(exc)})") from None
+            raise InputError(f"{path}: corrupt safetensors file ({first_line(exc)})") from None
         code = piece.get_dtype()
         return _Sliceable(handle, piece), fmt, name, SAFETENSORS_DTYPES[code][0] if code in SAFETENSORS_DTYPES else code.lower()
     if fmt in ("torch-zip", "torch-legacy"):
@@ -188,5 +256,8 @@ def _open_tensor(path: Path, key: str | None) -> tuple[Any, str, str | None, str
 
 def iterate(sources: list[Source], batches: list[Batch]) -> Iterator[Any]:
     reader = Reader(sources)
-    for batch in batches:
-        yield reader.read(batch)
+    try:
+        for batch in batches:
+            yield reader.read(batch)
+    finally:
+        reader.close()

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from bncli import __version__
-from bncli.errors import BncliError, ExitCode, OutputError
+from bncli.errors import BncliError, ExitCode, OutputError, first_line
 
 app = typer.Typer(
     name="bncli",
@@ -67,8 +67,8 @@ def _fail(message: str, code: int) -> typer.Exit:
 def _internal(exc: BaseException) -> typer.Exit:
     if _debug:
         stderr_console().print_exception()
-    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    message = f"internal error: {type(exc).__name__}{': ' + detail if detail else ''} (rerun with --debug for the traceback)"
+    detail = first_line(exc)
+    message = f"internal error: {type(exc).__name__}{': ' + detail if detail != type(exc).__name__ else ''} (rerun with --debug for the traceback)"
     return _fail(message, ExitCode.INTERNAL)
 
 

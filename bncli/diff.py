@@ -85,13 +85,16 @@ def diff_files(
     layer: str | None = None,
     eps: float = 1e-5,
     state: str | None = None,
+    strip_prefix_a: str | None = None,
+    strip_prefix_b: str | None = None,
 ) -> DiffReport:
-    """Load both checkpoints and compare their BatchNorm layers, matched by name after prefix stripping."""
+    """Load both checkpoints and compare their BatchNorm layers, matched by name after prefix stripping
+    (the wrapper prefixes always, and strip_prefix_a/_b, as load_checkpoint's strip_prefix, when given)."""
     from bncli.layers import find_layers, read_layer, select_layer
     from bncli.loading import load_checkpoint
 
-    ckpt_a = load_checkpoint(path_a, state=state)
-    ckpt_b = load_checkpoint(path_b, state=state)
+    ckpt_a = load_checkpoint(path_a, state=state, strip_prefix=strip_prefix_a)
+    ckpt_b = load_checkpoint(path_b, state=state, strip_prefix=strip_prefix_b)
     keys_a, keys_b = find_layers(ckpt_a), find_layers(ckpt_b)
     if layer is not None:
         picked = select_layer(keys_a, layer, ckpt_a.provenance.path)

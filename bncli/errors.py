@@ -33,7 +33,8 @@ class BncliError(Exception):
 
 
 class UsageError(BncliError):
-    """Options or settings that do not fit together (Typer's own usage errors exit 2 too)."""
+    """Options or settings that cannot work together, or a choice the command cannot honour (Typer's own
+    usage errors exit 2 too)."""
 
     exit_code = ExitCode.USAGE
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bncli.errors import InputError
+from bncli.errors import InputError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -149,7 +149,7 @@ def forward(model, x) -> None:
     try:
         model(x)
     except (RuntimeError, ValueError, TypeError) as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc)
         if "Expected more than 1 value per channel" in text:
             raise InputError(
                 f"a batch of shape {tuple(x.shape)} gives a BatchNorm layer only one value per channel, and a batch of "
@@ -296,6 +296,7 @@ def recalibrate(
     batch_size: int = 64,
     device: str = "cpu",
     state: str | None = None,
+    strip_prefix: str | None = None,
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
 ) -> RecalibrateReport | None:
@@ -303,7 +304,7 @@ def recalibrate(
     import torch
 
     from bncli import calib_data
-    from bncli.diff import diff_files
+    from bncli.diff import diff_layers
     from bncli.loading import load_checkpoint
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -314,7 +315,7 @@ def recalibrate(
         if device == "cuda" and ctx.world_size > 1:
             run_device = f"cuda:{int(os.environ.get('LOCAL_RANK', ctx.rank)) % torch.cuda.device_count()}"
             torch.cuda.set_device(run_device)
-        ckpt = load_checkpoint(checkpoint, state=state)
+        ckpt = load_checkpoint(checkpoint, state=state, strip_prefix=strip_prefix)
         net = build_model(model, model_kwargs)
         load_into(net, ckpt, model)
         net.to(run_device)
@@ -343,8 +344,19 @@ def recalibrate(
             counter = f"{name}.num_batches_tracked"
             if getattr(modules[name], "num_batches_tracked", None) is not None and counter in ckpt:
                 updates[counter] = int(ckpt.read(counter).reshape(())) + total_batches
+        # The statistics before are read now: OUTPUT may be CHECKPOINT itself, and is then replaced by the write.
+        before = bn_layers(ckpt)
         write_checkpoint(ckpt, updates, Path(output), warn)
-        report = diff_files(checkpoint, output, state=state)
+        prov = ckpt.provenance
+        written = load_checkpoint(output, state=prov.container, strip_prefix=strip_prefix)  # what was written, read back
+        report = diff_layers(
+            before,
+            bn_layers(written),
+            path_a=prov.path,
+            path_b=written.provenance.path,
+            prefix_a=prov.prefix,
+            prefix_b=written.provenance.prefix,
+        )
         return RecalibrateReport(
             checkpoint=ckpt.provenance.path,
             output=str(output),
@@ -363,6 +375,29 @@ def recalibrate(
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def bn_layers(ckpt) -> list:
+    """Every BatchNorm layer of the checkpoint, its arrays copied out of the file (which may be replaced next)."""
+    import dataclasses
+
+    import numpy as np
+
+    from bncli.layers import find_layers, read_layer
+
+    def copied(x):
+        return None if x is None else np.array(x, copy=True)
+
+    return [
+        dataclasses.replace(
+            layer,
+            running_mean=copied(layer.running_mean),
+            running_var=copied(layer.running_var),
+            weight=copied(layer.weight),
+            bias=copied(layer.bias),
+        )
+        for layer in (read_layer(ckpt, k) for k in find_layers(ckpt))
+    ]
 
 
 class _progress:

@@ -177,3 +177,38 @@ def test_every_format_has_a_renderer(make_ckpt):
     lines = diff_github(report).splitlines()
     assert lines[0].startswith("::notice title=bncli diff::features.5: changed (2 of 4 channels; max mean shift ")
     assert lines[-1] == "2 layers in both: 1 changed, 0 shape-changed, 1 identical; 0 only in A, 0 only in B"
+
+
+def test_lightning_checkpoint_against_a_plain_one(cli, make_ckpt):
+    plain = make_ckpt(two_layers(), "a.pt")
+    lightning = make_ckpt({"state_dict": OrderedDict(("model." + k, v) for k, v in two_layers().items()), "epoch": 3}, "l.ckpt")
+    unmatched = diff_files(plain, lightning)
+    assert unmatched.layers == () and unmatched.only_b == ("model.features.1", "model.features.5")
+    report = diff_files(plain, lightning, strip_prefix_b="model")
+    assert [x.verdict for x in report.layers] == ["identical", "identical"] and report.prefix_b == "model."
+    assert cli("diff", plain, lightning, "--strip-prefix-b", "model.", "--fail-on-change").exit_code == 0
+    both = cli("diff", lightning, lightning, "--strip-prefix", "model", "--fail-if-unchanged")
+    assert both.stderr.strip() == "--fail-if-unchanged: 2 BatchNorm layers unchanged: features.1, features.5"
+    wrong = cli("diff", plain, lightning, "--strip-prefix", "model")
+    assert wrong.exit_code == 3
+    assert wrong.stderr.strip() == (
+        f"error: {plain}: cannot strip prefix 'model': only 0 of 10 keys start with it (not 'features.1.weight')"
+    )
+    clash = cli("diff", plain, lightning, "--strip-prefix", "model", "--strip-prefix-b", "model")
+    assert clash.exit_code == 2
+    assert clash.stderr.strip() == "error: --strip-prefix applies to both files: use it without --strip-prefix-a/--strip-prefix-b"
+
+
+def test_usage_errors_are_public_and_shared():
+    from bncli.commands import diff, normalize, options
+    from bncli.errors import BncliError, ExitCode, UsageError
+    from bncli.render import UnsupportedFormat
+
+    assert issubclass(UsageError, BncliError) and UsageError.exit_code == ExitCode.USAGE
+    assert issubclass(UnsupportedFormat, UsageError)
+    assert diff.check_eps is normalize.check_eps is options.check_eps
+
+
+def test_eps_help_says_both_variances(cli):
+    text = " ".join(cli("diff", "--help").stdout.split())
+    assert "Added to var_A in the mean shift, and to var_A and var_B in the KL." in text

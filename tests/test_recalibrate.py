@@ -352,3 +352,94 @@ def test_sync_batchnorm_is_normalized_locally():
     b, _ = population_moments(synced, torch.split(x, 5))
     assert torch.equal(a["1"].mean, b["1"].mean) and torch.equal(a["1"].m2, b["1"].m2)
     assert "forward" not in vars(synced[1])  # the class's forward is back
+
+
+# --------------------------------------------------------------------------- in place, Lightning prefixes, loads
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_in_place_reports_the_real_drift(cli, tmp_path, suffix):
+    from safetensors.torch import save_file
+
+    model = models_for_tests.pointwise()
+    sd = OrderedDict((k, v.clone()) for k, v in model.state_dict().items())
+    ckpt = tmp_path / f"m{suffix}"
+    if suffix == ".pt":
+        torch.save(sd, ckpt)
+    else:
+        save_file(sd, ckpt)
+    x = drifting_data(n=20)
+    torch.save(x, tmp_path / "x.pt")
+    result = cli("recalibrate", ckpt, "-m", "models_for_tests:pointwise", "-d", tmp_path / "x.pt", "-b", "6", "-o", ckpt,
+                 "--format", "json")
+    assert result.exit_code == 0, result
+    layer = json.loads(result.stdout)["diff"]["layers"][0]
+    mean, var = closed_form(x)
+    assert layer["verdict"] == "changed" and layer["batches_b"] - layer["batches_a"] == 4
+    # The drift is between the statistics before (fresh layer: mean 0, var 1) and the ones written.
+    va = sd["1.running_var"].double()
+    assert layer["var_ratio_max"] == pytest.approx((var / va).max().item(), rel=1e-5)
+    assert layer["max_shift"] == pytest.approx(((mean - sd["1.running_mean"].double()).abs() / (va + 1e-5).sqrt()).max().item(),
+                                               rel=1e-5)
+    again = cli("diff", ckpt, ckpt, "--fail-if-unchanged")  # and the file does hold the new statistics
+    assert again.exit_code == 1
+
+
+def test_lightning_checkpoint_keeps_its_prefix_and_wrapping(cli, tmp_path):
+    ckpt = tmp_path / "m.ckpt"
+    before = save_wrapped(ckpt, models_for_tests.pointwise(), prefix="model.")
+    x = drifting_data(n=20)
+    torch.save(x, tmp_path / "x.pt")
+    out = tmp_path / "out.ckpt"
+    base = ["recalibrate", ckpt, "-m", "models_for_tests:pointwise", "-d", tmp_path / "x.pt", "-b", "6", "-o", out]
+    refused = cli(*base)
+    assert refused.exit_code == 3 and "missing keys: 0.weight" in refused.stderr
+    result = cli(*base, "--strip-prefix", "model")
+    assert result.exit_code == 0, result
+    saved = torch.load(out, weights_only=True)
+    assert set(saved) == {"state_dict", "epoch"} and saved["epoch"] == 7
+    assert list(saved["state_dict"]) == list(before)
+    mean, var = closed_form(x)
+    assert torch.allclose(saved["state_dict"]["model.1.running_var"].double(), var, rtol=1e-6)
+    assert torch.allclose(saved["state_dict"]["model.1.running_mean"].double(), mean, rtol=1e-6, atol=1e-6)
+
+
+def test_each_data_file_is_loaded_once(tmp_path, monkeypatch):
+    from bncli import calib_data, loading
+
+    x = drifting_data(n=40)
+    torch.save(x[:25], tmp_path / "a.pt")
+    torch.save({"images": x[25:], "labels": torch.zeros(15)}, tmp_path / "b.pt")
+    loads = []
+    real = loading._torch_load
+
+    def counting(path, fmt):
+        loads.append(path.name)
+        return real(path, fmt)
+
+    monkeypatch.setattr(loading, "_torch_load", counting)
+    sources = calib_data.discover([tmp_path / "a.pt", tmp_path / "b.pt"], key="images")
+    loads.clear()  # discover opens each file once to read its shape
+    batches = calib_data.plan(sources, 3, None)
+    got = torch.cat(list(calib_data.iterate(sources, batches)))
+    assert len(batches) == 14
+    assert sorted(loads) == ["a.pt", "b.pt"]
+    assert torch.equal(got, x)
+
+
+def test_rows_read_from_files_equal_the_data(tmp_path):
+    from safetensors.torch import save_file
+
+    from bncli import calib_data
+
+    x = drifting_data(n=11)
+    np.save(tmp_path / "a.npy", x[:4].numpy())
+    np.save(tmp_path / "b.npy", x[4:6].numpy().astype(">f4"))  # big-endian
+    np.save(tmp_path / "c.npy", np.asfortranarray(x[6:8].numpy()))
+    save_file({"images": x[8:].bfloat16(), "labels": torch.zeros(3)}, tmp_path / "d.safetensors")
+    sources = calib_data.discover([tmp_path / n for n in ("a.npy", "b.npy", "c.npy", "d.safetensors")], key="images")
+    got = list(calib_data.iterate(sources, calib_data.plan(sources, 3, None)))
+    assert [tuple(t.shape) for t in got] == [(3, 3, 5, 5)] * 3 + [(2, 3, 5, 5)]
+    whole = torch.cat(got)
+    assert whole[:8].dtype == torch.float32 and torch.equal(whole[:8], x[:8])
+    assert torch.equal(whole[8:], x[8:].bfloat16().float())

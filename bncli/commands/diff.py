@@ -7,18 +7,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from bncli.errors import BncliError, ExitCode
+from bncli.commands.options import check_eps
+from bncli.errors import ExitCode, UsageError
 from bncli.render import Format
 
 COMMAND = {
     "name": "diff",
     "epilog": "Examples:  bncli diff before.pt after.pt  ·  bncli diff a.pt b.safetensors --layer features.1  ·  "
-    "bncli diff base.pt finetuned.pt --fail-on-change",
+    "bncli diff base.pt finetuned.pt --fail-on-change  ·  bncli diff model.pt lightning.ckpt --strip-prefix-b model",
 }
-
-
-class UsageError(BncliError):
-    exit_code = ExitCode.USAGE
 
 
 def exit_code(changed: tuple[str, ...], unchanged: tuple[str, ...], fail_on_change: bool, fail_if_unchanged: bool) -> ExitCode:
@@ -28,12 +25,6 @@ def exit_code(changed: tuple[str, ...], unchanged: tuple[str, ...], fail_on_chan
     if fail_if_unchanged and (unchanged or not (changed or unchanged)):
         return ExitCode.FINDINGS
     return ExitCode.OK
-
-
-def check_eps(value: float) -> float:
-    if not value > 0:
-        raise typer.BadParameter("eps must be greater than 0")
-    return value
 
 
 def run(
@@ -48,9 +39,20 @@ def run(
         bool,
         typer.Option("--fail-if-unchanged", help="Exit 1 if any BatchNorm layer is identical (fine-tuning must update all)."),
     ] = False,
-    eps: Annotated[float, typer.Option("--eps", callback=check_eps, help="Added to var_A in the mean shift and KL.")] = 1e-5,
+    eps: Annotated[
+        float,
+        typer.Option("--eps", callback=check_eps, help="Added to var_A in the mean shift, and to var_A and var_B in the KL."),
+    ] = 1e-5,
     state: Annotated[
         Optional[str], typer.Option("--state", help="Key of the state dict inside both checkpoints, e.g. 'ema'.")
+    ] = None,
+    strip_prefix: Annotated[
+        Optional[str],
+        typer.Option("--strip-prefix", help="Remove a prefix every key of both files shares, e.g. 'model.' (Lightning)."),
+    ] = None,
+    strip_prefix_a: Annotated[Optional[str], typer.Option("--strip-prefix-a", help="The same for A only.")] = None,
+    strip_prefix_b: Annotated[
+        Optional[str], typer.Option("--strip-prefix-b", help="The same for B only: diff model.pt lightning.ckpt --strip-prefix-b model.")
     ] = None,
 ) -> None:
     """Compare the BatchNorm layers of two checkpoints, matched by name after stripping 'module.'/'_orig_mod.'.
@@ -58,6 +60,8 @@ def run(
     Per layer: the largest mean shift in units of A's std, the range of var_B / var_A, the mean symmetric KL
     divergence between the per-channel Gaussians, the change in num_batches_tracked, weight and bias,
     and a verdict: identical (every value equal), changed, or shape-changed.
+    Other prefixes (Lightning's 'model.') are stripped only when asked: --strip-prefix for both files,
+    --strip-prefix-a/-b for one; every key of that file must then start with the prefix.
     """
     from bncli.cli import emit, stderr_console
     from bncli.diff import diff_files
@@ -65,7 +69,11 @@ def run(
 
     if fail_on_change and fail_if_unchanged:
         raise UsageError("--fail-on-change and --fail-if-unchanged cannot be used together")
-    report = diff_files(a, b, layer=layer, eps=eps, state=state)
+    if strip_prefix is not None:
+        if strip_prefix_a is not None or strip_prefix_b is not None:
+            raise UsageError("--strip-prefix applies to both files: use it without --strip-prefix-a/--strip-prefix-b")
+        strip_prefix_a = strip_prefix_b = strip_prefix
+    report = diff_files(a, b, layer=layer, eps=eps, state=state, strip_prefix_a=strip_prefix_a, strip_prefix_b=strip_prefix_b)
     emit(renderer_for(fmt, "diff")(report))
     code = exit_code(report.changed, report.unchanged, fail_on_change, fail_if_unchanged)
     if code:

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from bncli.commands.options import check_eps
 from bncli.render import Format
 
 COMMAND = {
@@ -32,12 +33,6 @@ def parse_momentum(value: str | float | None) -> float | None:
     if not 0.0 <= momentum <= 1.0:
         raise typer.BadParameter(f"{value} is outside [0, 1]")
     return momentum
-
-
-def check_eps(value: float) -> float:
-    if not value > 0:
-        raise typer.BadParameter("eps must be greater than 0")
-    return value
 
 
 def run(

@@ -77,6 +77,14 @@ def run(
     state: Annotated[
         Optional[str], typer.Option("--state", help="Key of the state dict inside the checkpoint, e.g. 'ema'.")
     ] = None,
+    strip_prefix: Annotated[
+        Optional[str],
+        typer.Option(
+            "--strip-prefix",
+            help="Remove a prefix every key shares before matching --model, e.g. 'model.' in a Lightning checkpoint; "
+            "the output keeps it.",
+        ),
+    ] = None,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format of the before/after table.")] = Format.TABLE,
 ) -> None:
     """Re-estimate every BatchNorm layer's running_mean and running_var from calibration data, exactly.
@@ -101,6 +109,7 @@ def run(
         batch_size=batch_size,
         device=device.value,
         state=state,
+        strip_prefix=strip_prefix,
         progress=sys.stderr.isatty(),
         warn=warn,
     )

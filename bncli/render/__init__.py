@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-from bncli.errors import BncliError, ExitCode
+from bncli.errors import UsageError
 
 
 class Format(str, enum.Enum):
@@ -16,10 +16,8 @@ class Format(str, enum.Enum):
     GITHUB = "github"
 
 
-class UnsupportedFormat(BncliError):
+class UnsupportedFormat(UsageError):
     """A --format that exists but that this command cannot produce."""
-
-    exit_code = ExitCode.USAGE
 
 
 # (command, format) -> "module:function" under bncli.render; imported only when chosen, so that `inspect`

@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bncli.diff import CHANGED, IDENTICAL, SHAPE_CHANGED, DiffReport, LayerDiff
+from bncli.render.github import escape_data
 from bncli.render.json import SCHEMA_VERSION, _dump
 from bncli.render.table import fmt
 
@@ -190,11 +191,6 @@ def recalibrate_markdown(report) -> str:
     return "\n\n".join([*recalibrate_lines(report), diff_markdown(report.diff)])
 
 
-def _escape(text: str) -> str:
-    """GitHub workflow-command escaping of a message."""
-    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-
-
 def diff_github(report: DiffReport) -> str:
     """GitHub Actions annotations: one ::notice per layer that differs, then the summary."""
     lines = []
@@ -205,9 +201,9 @@ def diff_github(report: DiffReport) -> str:
             f"{len(layer.changed_channels)} of {layer.num_features_a} channels; max mean shift {fmt(layer.max_shift)}, "
             f"var ratio {fmt(layer.var_ratio_min)}..{fmt(layer.var_ratio_max)}, mean sym KL {fmt(layer.mean_kl)}"
         )
-        lines.append(f"::notice title=bncli diff::{_escape(f'{layer.name}: {layer.verdict} ({detail})')}")
+        lines.append(f"::notice title=bncli diff::{escape_data(f'{layer.name}: {layer.verdict} ({detail})')}")
     for label, names in (("only in A", report.only_a), ("only in B", report.only_b)):
-        lines.extend(f"::notice title=bncli diff::{_escape(f'{name}: {label}')}" for name in names)
+        lines.extend(f"::notice title=bncli diff::{escape_data(f'{name}: {label}')}" for name in names)
     lines.append(summary_line(report))
     return "\n".join(lines)
 
