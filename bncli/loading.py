@@ -178,7 +178,8 @@ class Checkpoint(Mapping[str, Any]):
         return self._reader.dtype(self._entries[name])
 
     def read(self, name: str):
-        """The value as a numpy array; float16 and bfloat16 are widened to float32 so statistics are computed in float32+."""
+        """The value as a numpy array of its own (never a view of the file, which may be replaced afterwards);
+        float16 and bfloat16 are widened to float32 so statistics are computed in float32+."""
         try:
             return self._reader.read(self._entries[name])
         except BncliError:

@@ -378,26 +378,11 @@ def recalibrate(
 
 
 def bn_layers(ckpt) -> list:
-    """Every BatchNorm layer of the checkpoint, its arrays copied out of the file (which may be replaced next)."""
-    import dataclasses
-
-    import numpy as np
-
+    """Every BatchNorm layer of the checkpoint; Checkpoint.read returns arrays of their own, so these survive the
+    file being replaced next."""
     from bncli.layers import find_layers, read_layer
 
-    def copied(x):
-        return None if x is None else np.array(x, copy=True)
-
-    return [
-        dataclasses.replace(
-            layer,
-            running_mean=copied(layer.running_mean),
-            running_var=copied(layer.running_var),
-            weight=copied(layer.weight),
-            bias=copied(layer.bias),
-        )
-        for layer in (read_layer(ckpt, k) for k in find_layers(ckpt))
-    ]
+    return [read_layer(ckpt, k) for k in find_layers(ckpt)]
 
 
 class _progress:

@@ -417,3 +417,14 @@ def test_checkpoint_saved_on_gpu_loads_on_cpu(tmp_path, monkeypatch, how):
     assert b"cuda:0" in path.read_bytes()  # the pickle (stored uncompressed in a zip too) names the GPU
     ckpt = load_checkpoint(path)
     np.testing.assert_array_equal(ckpt.read("bn.running_var"), bn_state()["bn.running_var"].numpy())
+
+
+@pytest.mark.parametrize("how", ["zip", "legacy", "st"])
+def test_read_returns_arrays_of_their_own(tmp_path, how):
+    """recalibrate may overwrite the file it read: what read() returned must not change with it."""
+    sd = bn_state(4, seed=5)
+    path = _save(sd, tmp_path / "m.pt", how)
+    ckpt = load_checkpoint(path)
+    before = ckpt.read("bn.running_var")
+    path.write_bytes(b"\0" * path.stat().st_size)  # the file changes under the reader
+    np.testing.assert_array_equal(before, sd["bn.running_var"].numpy())
