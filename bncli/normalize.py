@@ -271,13 +271,13 @@ def _update_running(bn, batch_mean, var_unbiased) -> None:
 def _checkpoint_layer(checkpoint, layer: str):
     from bncli.layers import find_layers, read_layer, select_layer
     from bncli.loading import load_checkpoint
+    from bncli.rules import Thresholds, check_shapes
 
     ckpt = load_checkpoint(checkpoint)
     keys = select_layer(find_layers(ckpt), layer, ckpt.provenance.path)
     state = read_layer(ckpt, keys)
-    sizes = {a.size for a in (state.running_mean, state.running_var, state.weight, state.bias) if a is not None}
-    if len(sizes) != 1:
-        raise InputError(f"{checkpoint}: layer {layer!r} has tensors of different lengths; run `bncli inspect` on it")
+    for _, problem in check_shapes(state, Thresholds()):  # the same check as inspect's BN006
+        raise InputError(f"{ckpt.provenance.path}: layer {layer!r}: {problem}; run `bncli inspect` on it")
     return state
 
 

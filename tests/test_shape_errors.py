@@ -177,3 +177,11 @@ def test_bad_memory_cap_setting_is_a_usage_error(cli, monkeypatch):
     result = cli("inspect", SAMPLES / "model.pt")
     assert result.exit_code == 2
     assert result.stderr == "error: BNCLI_MAX_LOAD_BYTES='8G' is not a number of bytes (e.g. 8000000000)\n"
+
+
+def test_checkpoint_layer_with_lengths_that_differ(cli, make_ckpt):
+    state = bn_state(channels=3, prefix="bn")
+    state["bn.bias"] = torch.zeros(4)
+    ckpt = make_ckpt(state)
+    result = cli("normalize", SAMPLES / "input.pt", "-c", ckpt, "-l", "bn")
+    _one_line_error(result, "layer 'bn': lengths differ: running_mean 3, running_var 3, weight 3, bias 4", "bncli inspect")
