@@ -223,12 +223,12 @@ def _open_tensor(path: Path, key: str | None) -> tuple[Any, str, str | None, str
             raise InputError(f"{path}: unreadable .npy file ({first_line(exc)})") from None
         return array, fmt, None, array.dtype.name  # "float32" whatever the byte order
     if fmt == "safetensors":
-        check_safetensors(path)  # the same header checks as for checkpoints, before safetensors maps the file
+        header = check_safetensors(path)  # the same header checks as for checkpoints, before safetensors maps the file
         try:
             from safetensors import safe_open
 
             handle = safe_open(str(path), framework="pt")
-            name = _choose_key(path, list(handle.keys()), key)
+            name = _choose_key(path, list(header), key)  # file order, as everywhere
             piece = handle.get_slice(name)
         except InputError:
             raise

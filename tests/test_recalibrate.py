@@ -287,7 +287,7 @@ def test_sample_data_recalibrates(cli, tmp_path, monkeypatch):
     no_key = cli("recalibrate", SAMPLES / "model.pt", "-m", "sample_data.smallcnn:small_cnn",
                  "-d", SAMPLES / "inputs.safetensors", "-o", tmp_path / "x.pt")
     assert no_key.exit_code == 3
-    assert "holds 2 tensors; choose one with --key: " in no_key.stderr
+    assert "holds 2 tensors; choose one with --key: labels, images" in no_key.stderr  # file order, as normalize says
     assert "images" in no_key.stderr and "labels" in no_key.stderr
 
 
