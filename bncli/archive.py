@@ -10,13 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bncli.budget import MAX_HEADER_BYTES as MAX_SAFETENSORS_HEADER
+from bncli.budget import human, max_load_bytes  # noqa: F401 - re-exported for the readers
 from bncli.errors import InputError, first_line
-
-# What bncli may read into memory at once (a legacy pickle's storages, a zip's data.pkl, an .npz):
-# mapped zip records are not counted, since they are never copied. Raise it with BNCLI_MAX_LOAD_BYTES.
-DEFAULT_MAX_LOAD_BYTES = 8 << 30
-# The safetensors library refuses headers above 100 MB; so does bncli, before allocating one.
-MAX_SAFETENSORS_HEADER = 100_000_000
 
 # safetensors dtype codes -> (the name torch uses, bytes per element); bncli reports the torch name.
 SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
@@ -42,26 +38,6 @@ SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
 def show(path: str | os.PathLike) -> str:
     """The path as printable text: bytes that are not UTF-8 appear as \\xNN instead of breaking the terminal."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def max_load_bytes() -> int:
-    """The cap on what loading may copy into memory: BNCLI_MAX_LOAD_BYTES (a plain number of bytes), or 8 GB."""
-    value = os.environ.get("BNCLI_MAX_LOAD_BYTES", "").strip()
-    if not value:
-        return DEFAULT_MAX_LOAD_BYTES
-    if not value.isdigit():
-        from bncli.errors import UsageError
-
-        raise UsageError(f"BNCLI_MAX_LOAD_BYTES={value!r} is not a number of bytes (e.g. 8000000000)")
-    return int(value)
-
-
-def human(n: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)  # pragma: no cover
 
 
 # --------------------------------------------------------------------------- torch zip archives
