@@ -133,9 +133,9 @@ def main_options(
 
 def _register() -> None:
     """Each command lives in bncli/commands/; importing them is cheap (no torch) and registers them here."""
-    from bncli.commands import diff, inspect, normalize, recalibrate
+    from bncli.commands import diff, inspect, normalize, recalibrate, rules
 
-    for module in (inspect, normalize, diff, recalibrate):
+    for module in (inspect, normalize, diff, recalibrate, rules):
         app.command(**module.COMMAND)(guarded(module.run))
 
 

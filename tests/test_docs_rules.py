@@ -1,4 +1,4 @@
-"""docs/rules.md documents exactly the rules in bncli/rules.py, with their severities, thresholds and real messages."""
+"""docs/rules.md is generated from the catalogue in bncli/rules.py: the same rules, severities, thresholds and real messages."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import re
 
 from conftest import ROOT
 
+from bncli import ruledoc
 from bncli.rules import RULES
 
 DOC = (ROOT / "docs" / "rules.md").read_text()
@@ -55,3 +56,17 @@ def test_examples_are_real_output():
     assert len(findings) == 5
     for f in findings:
         assert f"    {f.severity.value:<8}{f.rule} {f.name} {f.layer}: {f.message}\n" in DOC
+
+
+def test_the_page_is_the_catalogue():
+    """Edit the rule in bncli/rules.py, then `python3 -m bncli.ruledoc > docs/rules.md`."""
+    assert DOC == ruledoc.markdown() + "\n"
+
+
+def test_every_rule_has_its_text_and_a_unique_anchor():
+    assert len({r.anchor for r in RULES}) == len(RULES)
+    for rule in RULES:
+        assert rule.summary and rule.detects and rule.why and rule.fix and rule.example, rule.id
+        assert rule.help_uri.endswith("docs/rules.md#" + rule.anchor)
+        # GitHub's anchor for the section heading "## BN004 collapsed-variance"
+        assert f"## {rule.id} {rule.name}\n" in DOC and rule.anchor == f"{rule.id} {rule.name}".lower().replace(" ", "-")
