@@ -118,7 +118,7 @@ def inspect_file(
     across = run_file_rules(bns, thresholds, selected, require_bn)  # BN014 names a layer: its flags show it
     layers = [
         summarize_layer(bn, found + [f for f in across if f.layer == bn.name], per_channel=layer is not None)
-        for bn, found in zip(bns, per_layer)
+        for bn, found in zip(bns, per_layer, strict=True)
     ]
     findings = [f for found in per_layer for f in found] + across
     prov = ckpt.provenance

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from bncli import __version__
-from bncli.errors import BncliError, ExitCode, OutputError, first_line
+from bncli.errors import BncliError, ExitCode, OutputError, internal_message
 
 app = typer.Typer(
     name="bncli",
@@ -67,9 +67,7 @@ def _fail(message: str, code: int) -> typer.Exit:
 def _internal(exc: BaseException) -> typer.Exit:
     if _debug:
         stderr_console().print_exception()
-    detail = first_line(exc)
-    message = f"internal error: {type(exc).__name__}{': ' + detail if detail != type(exc).__name__ else ''} (rerun with --debug for the traceback)"
-    return _fail(message, ExitCode.INTERNAL)
+    return _fail(internal_message(exc), ExitCode.INTERNAL)
 
 
 def guarded(command):
@@ -84,6 +82,8 @@ def guarded(command):
         except BncliError as exc:
             if _debug:
                 stderr_console().print_exception()
+            if exc.quiet:
+                raise typer.Exit(int(exc.exit_code)) from None
             raise _fail(exc.message, exc.exit_code) from None
         except KeyboardInterrupt:
             raise _fail("interrupted", ExitCode.INTERRUPTED) from None
@@ -133,9 +133,9 @@ def main_options(
 
 def _register() -> None:
     """Each command lives in bncli/commands/; importing them is cheap (no torch) and registers them here."""
-    from bncli.commands import diff, inspect, normalize, recalibrate
+    from bncli.commands import diff, inspect, normalize, recalibrate, rules
 
-    for module in (inspect, normalize, diff, recalibrate):
+    for module in (inspect, normalize, diff, recalibrate, rules):
         app.command(**module.COMMAND)(guarded(module.run))
 
 

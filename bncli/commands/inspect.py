@@ -16,7 +16,7 @@ COMMAND = {
     "epilog": "Examples:  bncli inspect model.pt  ·  bncli inspect model.pt --layer features.1  ·  "
     "bncli inspect checkpoints/ 'runs/**/*.pt' --format github --fail-on warning  ·  "
     "bncli inspect model.pt --ignore dead-channel --max-var 1e6.  "
-    "Rules: BN001..BN015, see docs/rules.md.  Settings may also come from the tool.bncli table of pyproject.toml; options win.",
+    "Rules: `bncli rules` lists them, `bncli rules BN004` explains one.  Settings may also come from the tool.bncli table of pyproject.toml; options win.",
 }
 
 
@@ -98,7 +98,7 @@ def run(
 
     A BatchNorm layer is any key prefix with both running_mean and running_var; names need not contain "bn".
     Flags NaN/Inf, negative, collapsed or exploding variances, statistics never updated, dead channels and more:
-    each finding carries a stable rule id (BN001...) documented in docs/rules.md.
+    each finding carries a stable rule id (BN001...): `bncli rules ID` says what it means and how to fix it.
     Exit status: 3 if any input could not be read, else 1 if a finding reached --fail-on, else 0.
     """
     from bncli.audit import expand_inputs, inspect_files
