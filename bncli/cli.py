@@ -10,7 +10,7 @@ import typer
 
 from bncli import __version__
 from bncli.console import StreamError, error_line, standard_streams, write_stderr
-from bncli.errors import BncliError, ExitCode, Terminated, first_line
+from bncli.errors import BncliError, ExitCode, Terminated, internal_message
 
 app = typer.Typer(
     name="bncli",
@@ -49,9 +49,7 @@ def _traceback() -> None:
 def _internal(exc: BaseException) -> typer.Exit:
     if _debug:
         _traceback()
-    detail = first_line(exc)
-    message = f"internal error: {type(exc).__name__}{': ' + detail if detail != type(exc).__name__ else ''} (rerun with --debug for the traceback)"
-    return _fail(message, ExitCode.INTERNAL)
+    return _fail(internal_message(exc), ExitCode.INTERNAL)
 
 
 def guarded(command):
@@ -70,6 +68,8 @@ def guarded(command):
         except BncliError as exc:
             if _debug:
                 _traceback()
+            if exc.quiet:
+                raise typer.Exit(int(exc.exit_code)) from None
             raise _fail(exc.message, exc.exit_code) from None
         except Terminated as exc:
             raise _fail(f"terminated ({exc.signal_name})", exc.exit_code) from None
@@ -105,9 +105,9 @@ def main_options(
 
 def _register() -> None:
     """Each command lives in bncli/commands/; importing them is cheap (no torch) and registers them here."""
-    from bncli.commands import diff, inspect, normalize, recalibrate
+    from bncli.commands import diff, inspect, normalize, recalibrate, rules
 
-    for module in (inspect, normalize, diff, recalibrate):
+    for module in (inspect, normalize, diff, recalibrate, rules):
         app.command(**module.COMMAND)(guarded(module.run))
 
 
