@@ -283,10 +283,12 @@ def check_collapsed_var(layer: BNLayer, t: Thresholds) -> Hits:
     eps = layer_eps(layer, t)
     with np.errstate(divide="ignore"):
         scale = float(1.0 / np.sqrt(var[worst] + eps))
+    zeros = int(np.count_nonzero(var[list(bad)] == 0))
+    exact = f", {zeros} of the {len(bad)} exactly 0" if zeros else ""  # pruned channels read apart from tiny ones
     return [
         (
             bad,
-            f"running_var below {t.collapsed_below:g} in channel(s) {_show(bad)}: the normalization scale "
+            f"running_var below {t.collapsed_below:g} in channel(s) {_show(bad)}{exact}: the normalization scale "
             f"1/sqrt(running_var + eps) reaches {scale:.4g} (channel {worst}, eps={eps:g})",
         )
     ]

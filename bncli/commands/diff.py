@@ -54,6 +54,9 @@ def run(
     strip_prefix_b: Annotated[
         Optional[str], typer.Option("--strip-prefix-b", help="The same for B only: diff model.pt lightning.ckpt --strip-prefix-b model.")
     ] = None,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Tables with every column, however narrow the terminal (lines may be longer).")
+    ] = False,
 ) -> None:
     """Compare the BatchNorm layers of two checkpoints, matched by name after stripping 'module.'/'_orig_mod.'.
 
@@ -74,7 +77,7 @@ def run(
             raise UsageError("--strip-prefix applies to both files: use it without --strip-prefix-a/--strip-prefix-b")
         strip_prefix_a = strip_prefix_b = strip_prefix
     report = diff_files(a, b, layer=layer, eps=eps, state=state, strip_prefix_a=strip_prefix_a, strip_prefix_b=strip_prefix_b)
-    emit(renderer_for(fmt, "diff")(report))
+    emit(renderer_for(fmt, "diff")(report), wide=wide)
     code = exit_code(report.changed, report.unchanged, fail_on_change, fail_if_unchanged)
     if code:
         note(_why(report.changed if fail_on_change else report.unchanged, fail_on_change))
