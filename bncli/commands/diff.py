@@ -78,7 +78,7 @@ def run(
     --only/--exclude pick layers by name (globs); --atol/--rtol let float noise count as identical;
     --state-a/--state-b compare two state dicts of one file (the model and its EMA).
     """
-    from bncli.cli import emit, stderr_console
+    from bncli.console import emit, note
     from bncli.diff import FAIL_IF_UNCHANGED, FAIL_ON_CHANGE, diff_files
     from bncli.render import renderer_for
 
@@ -99,5 +99,5 @@ def run(
     if code:
         from bncli.render.diff import gate_message
 
-        stderr_console().print(gate_message(report), markup=False)
+        note(gate_message(report))
         raise typer.Exit(code)
