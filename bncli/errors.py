@@ -13,7 +13,8 @@ class ExitCode(enum.IntEnum):
     USAGE = 2  # bad options or arguments (Typer/Click's own code)
     INPUT = 3  # missing, unreadable, corrupt, unsafe or unsupported file; bad shape or dtype
     INTERNAL = 4  # a bug in bncli: rerun with --debug for the traceback
-    INTERRUPTED = 130
+    INTERRUPTED = 130  # SIGINT (Ctrl-C)
+    TERMINATED = 143  # SIGTERM (CI cancellation, `timeout`, systemd): 128 + 15, as a shell reports it
 
 
 def first_line(exc: BaseException) -> str:
@@ -65,6 +66,13 @@ class UnsafeFileError(InputError):
 
 class ShapeError(InputError):
     """The tensor's shape or dtype does not fit BatchNorm2d."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while bncli writes a file: handled like Ctrl-C (the temporary file is removed), then exit 143."""
+
+    exit_code = ExitCode.TERMINATED
+    signal_name = "SIGTERM"
 
 
 class RankError(BncliError):

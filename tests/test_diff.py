@@ -107,7 +107,7 @@ def test_only_in_one_side_and_shape_changed(cli, make_ckpt):
     assert "1 layer in both: 0 changed, 1 shape-changed, 0 identical; 1 only in A, 1 only in B" in result.stdout
     md = cli("diff", a, b, "--format", "markdown")
     assert md.exit_code == 0
-    assert "| features.1 | 6→8 | shape-changed | - | - | - | - | +0 | - | - |" in md.stdout
+    assert "| `features.1` | 6→8 | shape-changed | - | - | - | - | +0 | - | - |" in md.stdout
     assert "Only in A: `features.5`" in md.stdout
 
 
@@ -142,7 +142,7 @@ def test_zero_variance_channels_are_counted_not_nan(cli, make_ckpt):
         row = next(line for line in table.stdout.splitlines() if line.startswith("features.1"))
         assert row.split("│")[6].strip() == "2"  # the zero var column
         md = cli("diff", a, b, "--eps", eps, "--format", "markdown").stdout
-        assert "| zero var |" in md and "| features.1 | 6 | identical | 0 | 1 | 1 | 2 | 0 | +0 | 0 | 0 |" in md
+        assert "| zero var |" in md and "| `features.1` | 6 | identical | 0 | 1 | 1 | 2 | 0 | +0 | 0 | 0 |" in md
     # Now B changes: channel 0 drops to zero variance, channel 2 is doubled; channels 1 and 4 stay at zero.
     b_sd["features.1.running_var"][0] = 0.0
     b_sd["features.1.running_var"][2] *= 2.0

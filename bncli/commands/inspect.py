@@ -102,8 +102,8 @@ def run(
     Exit status: 3 if any input could not be read, else 1 if a finding reached --fail-on, else 0.
     """
     from bncli.audit import expand_inputs, inspect_files
-    from bncli.cli import emit, error_line, warn
     from bncli.config import load_config, resolve_inspect
+    from bncli.console import emit, error_line, warn
     from bncli.render import renderer_for
 
     config = load_config()
