@@ -18,6 +18,7 @@ from bncli.render.table import fmt
 VERDICT_STYLES = {IDENTICAL: "green", CHANGED: "yellow", SHAPE_CHANGED: "bold red"}
 LAYER_HEADERS = ("layer", "C", "verdict", "max mean\nshift", "var ratio\nmin", "var ratio\nmax", "mean\nsym KL", "Δ\nbatches",
                  "max\n|Δweight|", "max\n|Δbias|")
+ZERO_VAR = 6  # where the "zero var" column goes, shown only when some layer has a zero variance
 CHANNEL_HEADERS = ("ch", "mean A", "mean B", "mean shift", "var A", "var B", "var ratio", "sym KL", "Δweight", "Δbias", "changed")
 
 
@@ -31,8 +32,18 @@ def _delta_int(value: int | None) -> str:
     return "-" if value is None else f"{value:+d}"
 
 
-def layer_cells(layer: LayerDiff) -> list[str]:
-    return [
+def _with_zero_var(report: DiffReport) -> bool:
+    return any(x.zero_var_channels for x in report.layers)
+
+
+def layer_headers(report: DiffReport) -> tuple[str, ...]:
+    if not _with_zero_var(report):
+        return LAYER_HEADERS
+    return (*LAYER_HEADERS[:ZERO_VAR], "zero\nvar", *LAYER_HEADERS[ZERO_VAR:])
+
+
+def layer_cells(layer: LayerDiff, zero_var: bool = False) -> list[str]:
+    cells = [
         layer.name,
         _channels(layer),
         layer.verdict,
@@ -41,6 +52,9 @@ def layer_cells(layer: LayerDiff) -> list[str]:
         fmt(layer.weight_max_change),
         fmt(layer.bias_max_change),
     ]
+    if zero_var:
+        cells.insert(ZERO_VAR, "-" if layer.zero_var_channels is None else str(layer.zero_var_channels))
+    return cells
 
 
 def channel_cells(layer: LayerDiff) -> list[list[str]]:
@@ -87,26 +101,37 @@ def gate_message(report: DiffReport) -> str:
 
 
 # The columns of the layer and channel tables; `drop`: the order in which a narrow console gives them up.
-LAYER_DROP = {"C": None, "layer": None, "verdict": None, "max mean\nshift": 7, "var ratio\nmin": 5, "var ratio\nmax": 6,
-              "mean\nsym KL": 4, "Δ\nbatches": 3, "max\n|Δweight|": 2, "max\n|Δbias|": 1}
+LAYER_DROP = {"C": None, "layer": None, "verdict": None, "max mean\nshift": 8, "var ratio\nmin": 6, "var ratio\nmax": 7,
+              "mean\nsym KL": 4, "zero\nvar": 5, "Δ\nbatches": 3, "max\n|Δweight|": 2, "max\n|Δbias|": 1}
 CHANNEL_DROP = {"ch": None, "mean A": 5, "mean B": 6, "mean shift": None, "var A": 7, "var B": 8, "var ratio": None,
                 "sym KL": 4, "Δweight": 2, "Δbias": 1, "changed": None}
-LAYER_COLUMNS = tuple(
-    Column(h, justify="left" if h in ("layer", "verdict") else "right", wrap="." if h == "layer" else None, drop=LAYER_DROP[h])
-    for h in LAYER_HEADERS
-)
 CHANNEL_COLUMNS = tuple(Column(h, justify="left" if h == "changed" else "right", drop=CHANNEL_DROP[h]) for h in CHANNEL_HEADERS)
+
+
+def layer_columns(headers: tuple[str, ...]) -> tuple[Column, ...]:
+    return tuple(
+        Column(h, justify="left" if h in ("layer", "verdict") else "right", wrap="." if h == "layer" else None,
+               drop=LAYER_DROP[h])
+        for h in headers
+    )
+
+
+def legend(report: DiffReport) -> str:
+    zero = "zero var = channels with var 0 in A or B; " if _with_zero_var(report) else ""
+    return (f"mean shift = |mean_B - mean_A| / sqrt(var_A + eps); var ratio = var_B / var_A{' where both > 0' if zero else ''}; "
+            f"{zero}sym KL = KL(A||B) + KL(B||A) of N(mean, var + eps)")
 
 
 def diff_table(report: DiffReport) -> RenderableType:
     parts: list[RenderableType] = [text(title_line(report), style="bold")]
     single = len(report.layers) == 1 and report.layers[0].channels is not None
     if report.layers:
+        zero_var = _with_zero_var(report)
         rows = []
         for layer in report.layers:
-            cells = layer_cells(layer)
+            cells = layer_cells(layer, zero_var)
             rows.append([terminal(cells[0]), cells[1], (cells[2], VERDICT_STYLES[layer.verdict]), *cells[3:]])
-        parts.append(Grid(LAYER_COLUMNS, rows))
+        parts.append(Grid(layer_columns(layer_headers(report)), rows))
     if single:
         layer = report.layers[0]
         parts.append(text(f"layer {layer.name}, channel by channel"))
@@ -115,8 +140,7 @@ def diff_table(report: DiffReport) -> RenderableType:
         if names:
             parts.append(text(f"{label}: {', '.join(names)}", style="red"))
     parts.append(Text(summary_line(report)))
-    parts.append(Text("mean shift = |mean_B - mean_A| / sqrt(var_A + eps); var ratio = var_B / var_A; "
-                      "sym KL = KL(A||B) + KL(B||A) of N(mean, var + eps)", style="dim"))
+    parts.append(Text(legend(report), style="dim"))
     return Group(*parts)
 
 
@@ -168,8 +192,9 @@ def diff_markdown(report: DiffReport) -> str:
     lines = [f"**BatchNorm diff**: A = {md_code(_side(report.path_a, report.state_a), False)}, "
              f"B = {md_code(_side(report.path_b, report.state_b), False)} ({_settings(report)})", ""]
     if report.layers:
-        rows = [[md_code(cells[0]), *cells[1:]] for cells in (layer_cells(x) for x in report.layers)]
-        lines += _md_table(LAYER_HEADERS, rows, left=(0, 2))
+        zero_var = _with_zero_var(report)
+        rows = [[md_code(cells[0]), *cells[1:]] for cells in (layer_cells(x, zero_var) for x in report.layers)]
+        lines += _md_table(layer_headers(report), rows, left=(0, 2))
         lines.append("")
     if len(report.layers) == 1 and report.layers[0].channels is not None:
         lines += [f"Layer {md_code(report.layers[0].name, False)}, channel by channel:", ""]
@@ -243,6 +268,7 @@ def diff_github(report: DiffReport) -> str:
         detail = f"{layer.num_features_a}→{layer.num_features_b} channels" if layer.verdict == SHAPE_CHANGED else (
             f"{len(layer.changed_channels)} of {layer.num_features_a} channels; max mean shift {fmt(layer.max_shift)}, "
             f"var ratio {fmt(layer.var_ratio_min)}..{fmt(layer.var_ratio_max)}, mean sym KL {fmt(layer.mean_kl)}"
+            + (f", {layer.zero_var_channels} with a zero variance" if layer.zero_var_channels else "")
         )
         lines.append(annotate(layer.name, f"{layer.verdict} ({detail})"))
     for label, names in (("only in A", report.only_a), ("only in B", report.only_b)):
