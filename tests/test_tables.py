@@ -232,7 +232,7 @@ layer      ┃  C ┃ verdict ┃    shift ┃       min ┃       max ┃ sym K
 ━━━━━━━━━━━╇━━━━╇━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━━━╇━━━━━━━━━━━╇━━━━━━━━╇━━━━━━━━
 features.1 │ 16 │ changed │    1.899 │    0.2607 │     1.304 │  2.259 │    -256
 features.5 │ 32 │ changed │        0 │       nan │       nan │    nan │      +0
-features.9 │ 32 │ changed │        0 │  -0.08463 │         1 │    nan │      +0
+features.9 │ 32 │ changed │        0 │       nan │       nan │    nan │      +0
 not shown at 80 columns: max |Δweight|, max |Δbias| (--wide or --format json
 shows them)
 3 layers in both: 3 changed, 0 shape-changed, 0 identical; 0 only in A, 0 only
