@@ -120,8 +120,8 @@ def inspect_file(
         found = run_rules(bn, thresholds, selected)
         findings.extend(found)
         layers.append(summarize_layer(bn, found, per_channel=layer is not None))
-    findings.extend(run_file_rules(bns, thresholds, selected, require_bn))
     prov = ckpt.provenance
+    findings.extend(run_file_rules(bns, thresholds, selected, require_bn, prov))
     return FileReport(
         prov.path, prov.format, prov.container, prov.prefix, tuple(layers), tuple(findings), alternatives=prov.alternatives
     )

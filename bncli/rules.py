@@ -41,9 +41,11 @@ class Rule:
     name: str
     severity: Severity
     summary: str
-    check: Callable[..., Hits]  # (BNLayer, Thresholds) for layer rules, (list[BNLayer], Thresholds) for file rules
+    # (BNLayer, Thresholds) for layer rules, (list[BNLayer], Thresholds) for file rules, (Provenance,) for
+    # source rules (what the file itself is, whatever its layers)
+    check: Callable[..., Hits]
     thresholds: tuple[str, ...] = ()  # the Thresholds fields it uses, for the docs and --help
-    scope: str = "layer"  # "layer" or "file"
+    scope: str = "layer"  # "layer", "file" or "source"
 
 
 class RuleSelectionError(UsageError):
@@ -202,6 +204,29 @@ def check_no_batchnorm(layers: list[BNLayer], t: Thresholds) -> Hits:
     return [((), "no BatchNorm layer in the file (no key prefix has both running_mean and running_var)")]
 
 
+# Globals whose call is code execution by itself (not a class being rebuilt): named as calls in BN012.
+DANGEROUS_CALLS = frozenset(
+    "posix.system nt.system os.system os.popen os.execv os.execve os.spawnv os.fork subprocess.call subprocess.Popen "
+    "subprocess.run subprocess.check_call subprocess.check_output subprocess.getoutput builtins.eval builtins.exec "
+    "builtins.compile builtins.__import__ builtins.getattr builtins.setattr builtins.open builtins.breakpoint "
+    "importlib.import_module runpy.run_path runpy.run_module pty.spawn webbrowser.open shutil.rmtree "
+    "socket.socket pickle.loads _pickle.loads marshal.loads types.FunctionType types.CodeType".split()
+)
+
+
+def check_pickled_code(prov) -> Hits:
+    names = list(getattr(prov, "pickled_globals", ()))
+    if not names:
+        return []
+    calls = [g for g in prov.pickled_calls if g in DANGEROUS_CALLS]
+    shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+    what = f"would import {len(names)} global{'s' if len(names) != 1 else ''} ({shown})"
+    if calls:
+        what += f" and call {', '.join(calls)}, which runs code by itself"
+    return [((), f"only torch.load(weights_only=False) can load this file, which {what}; bncli read it as data "
+                 "and imported nothing")]
+
+
 # Shape comes first: when lengths differ the per-channel rules cannot line channels up and are skipped.
 RULES: tuple[Rule, ...] = (
     Rule("BN006", "shape-mismatch", Severity.ERROR, "running_mean, running_var, weight and bias lengths differ", check_shapes),
@@ -219,6 +244,8 @@ RULES: tuple[Rule, ...] = (
          check_low_precision),
     Rule("BN010", "untrained-affine", Severity.INFO, "weight all 1 and bias all 0 while the statistics are trained",
          check_untrained_affine),
+    Rule("BN012", "pickled-code", Severity.WARNING, "loading the file needs torch.load(weights_only=False), which imports "
+         "and calls what the pickle names", check_pickled_code, scope="source"),
     Rule("BN011", "no-batchnorm", Severity.INFO, "no BatchNorm layer in the file (error with --require-bn)", check_no_batchnorm,
          scope="file"),
 )
@@ -269,12 +296,18 @@ def run_file_rules(
     thresholds: Thresholds = Thresholds(),
     selected: frozenset[str] = ALL_IDS,
     require_bn: bool = False,
+    provenance=None,
 ) -> list[Finding]:
-    """Findings about the file as a whole (layer None); --require-bn raises BN011 to an error."""
+    """Findings about the file as a whole (layer None); --require-bn raises BN011 to an error. Source rules
+    (BN012) run when the file's provenance is given."""
     findings = []
     for rule in RULES:
-        if rule.scope != "file" or rule.id not in selected:
+        if rule.scope == "layer" or rule.id not in selected:
             continue
+        if rule.scope == "source":
+            hits = rule.check(provenance) if provenance is not None else []
+        else:
+            hits = rule.check(layers, thresholds)
         severity = Severity.ERROR if rule.id == "BN011" and require_bn else rule.severity
-        findings.extend(Finding(rule.id, rule.name, severity, None, ch, msg) for ch, msg in rule.check(layers, thresholds))
+        findings.extend(Finding(rule.id, rule.name, severity, None, ch, msg) for ch, msg in hits)
     return findings
