@@ -1,4 +1,4 @@
-"""Audit rules: small pure functions from BatchNorm layers to findings, each with a stable id (documented in docs/rules.md)."""
+"""The rule catalogue: small pure functions from BatchNorm layers to findings, each registered with its id and its documentation."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ class Thresholds:
     max_var: float = 1e4  # running_var above this (std 100) is exploding
     max_mean: float = 1e2  # |running_mean| above this is exploding
     dead_weight: float = 1e-3  # |gamma| below this: the channel outputs (almost) a constant
+    max_fold_spread: float = 1e2  # largest folded scale |gamma|/sqrt(var + eps) above this many times the median
 
     @property
     def collapsed_below(self) -> float:
@@ -33,19 +34,66 @@ class Thresholds:
 
 
 Hits = list[tuple[tuple[int, ...], str]]
+# File rules may name the layer a finding is about: (layer name or None, channels, message).
+FileHits = list[tuple["str | None", tuple[int, ...], str]]
+
+FLOAT16_MAX = 65504.0  # the largest finite float16: a folded weight beyond it overflows a half-precision export
+
+
+# Where the catalogue is published (the README's repository address, a placeholder until bncli is published).
+DOCS_URL = "https://github.com/bncli/bncli/blob/main/docs/rules.md"
 
 
 @dataclass(frozen=True)
 class Rule:
+    """One entry of the catalogue: the check and everything `bncli rules`, docs/rules.md and SARIF say about it."""
+
     id: str
     name: str
     severity: Severity
-    summary: str
-    # (BNLayer, Thresholds) for layer rules, (list[BNLayer], Thresholds) for file rules, (Provenance,) for
-    # source rules (what the file itself is, whatever its layers)
+    summary: str  # one line, for tables
+    # (BNLayer, Thresholds) -> Hits for layer rules, (list[BNLayer], Thresholds) -> FileHits for file rules,
+    # (Provenance,) -> FileHits for source rules (what the file itself is, whatever its layers)
     check: Callable[..., Hits]
     thresholds: tuple[str, ...] = ()  # the Thresholds fields it uses, for the docs and --help
     scope: str = "layer"  # "layer", "file" or "source"
+    detects: str = ""  # what it detects, why it matters, how to fix it: markdown paragraphs (`code` allowed)
+    why: str = ""
+    fix: str = ""
+    example: tuple[str, ...] = ()  # finding lines exactly as `bncli inspect` prints them
+    thresholds_note: str = ""  # the thresholds with their defaults, as docs/rules.md shows them ("" = none)
+    severity_note: str = ""  # e.g. how an option changes the severity
+
+    @property
+    def anchor(self) -> str:
+        """The heading's anchor in docs/rules.md (GitHub's rule: lower case, spaces to dashes)."""
+        return f"{self.id.lower()}-{self.name}"
+
+    @property
+    def help_uri(self) -> str:
+        return f"{DOCS_URL}#{self.anchor}"
+
+
+_CATALOGUE: list[Rule] = []
+
+
+def rule(id: str, name: str, severity: Severity, summary: str, **doc) -> Callable:
+    """Register the decorated check as a rule: adding a rule is this decorator on one function, nothing else.
+
+    Rules run in the order they are defined (shape first: the per-channel rules need one length; file rules last).
+    Ids and names are unique and never reused; the text fields are required so that `bncli rules` can explain it.
+    """
+
+    def register(check: Callable[..., Hits]) -> Callable[..., Hits]:
+        entry = Rule(id, name, severity, summary, check, **doc)
+        if any(r.id == id or r.name == name for r in _CATALOGUE):
+            raise ValueError(f"rule {id} {name}: id or name already taken")
+        if not (entry.detects and entry.why and entry.fix and entry.example):
+            raise ValueError(f"rule {id} {name}: detects, why, fix and example are all required")
+        _CATALOGUE.append(entry)
+        return check
+
+    return register
 
 
 class RuleSelectionError(UsageError):
@@ -63,10 +111,36 @@ def _show(channels: tuple[int, ...], limit: int = 8) -> str:
     return shown + (f", ... ({len(channels)} in all)" if len(channels) > limit else "")
 
 
+def layer_eps(layer: BNLayer, t: Thresholds) -> float:
+    """The eps of this layer: its own when the file says it (a whole pickled model), else --eps.
+
+    Every rule that needs eps asks here, so that per-layer eps switches in one place."""
+    own = getattr(layer, "eps", None)
+    return t.eps if own is None else float(own)
+
+
 def _is_default_stats(layer: BNLayer) -> bool:
     return bool((layer.running_mean == 0).all() and (layer.running_var == 1).all())
 
 
+@rule(
+    'BN006',
+    'shape-mismatch',
+    Severity.ERROR,
+    'running_mean, running_var, weight, bias of different lengths',
+    detects=(
+        '`running_mean`, `running_var`, `weight` and `bias` of different lengths, or a layer with 0 channels.'
+    ),
+    why=(
+        '`load_state_dict` refuses the file ("size mismatch"), or code that builds the layer by hand broadcasts the '
+        'wrong values to the wrong channels. It comes from model surgery or pruning that forgot one of the four '
+        'tensors, or from a broken conversion.'
+    ),
+    example=('error   BN006 shape-mismatch layer1.bn: lengths differ: running_mean 4, running_var 4, weight 3, bias 4',),
+    fix=(
+        'Redo the surgery so that all four tensors have `num_features` entries.'
+    ),
+)
 def check_shapes(layer: BNLayer, t: Thresholds) -> Hits:
     sizes = {"running_mean": layer.running_mean.size, "running_var": layer.running_var.size}
     for field in ("weight", "bias"):
@@ -79,6 +153,28 @@ def check_shapes(layer: BNLayer, t: Thresholds) -> Hits:
     return []
 
 
+@rule(
+    'BN001',
+    'non-finite',
+    Severity.ERROR,
+    'NaN or Inf in running_mean, running_var, weight or bias',
+    detects=(
+        'A NaN or an infinity in `running_mean`, `running_var`, `weight` or `bias`; the finding names the tensor, '
+        'the kind and the channels.'
+    ),
+    why=(
+        'In eval mode every output of a channel with a NaN statistic is NaN, and a NaN spreads through every later '
+        "layer: the model's predictions become NaN or a constant class (eval accuracy collapses to chance). Running "
+        'statistics are an exponential average, so a single diverged training step (an fp16 overflow, a '
+        'learning-rate spike, a bad batch) poisons them for good: `0.9 * NaN + 0.1 * x` is still NaN.'
+    ),
+    example=('error   BN001 non-finite features.5: running_var is NaN in channel(s) 3',),
+    fix=(
+        'Go back to the last checkpoint without the finding, or recompute the running statistics with forward passes'
+        ' in train mode over a few hundred training batches (`torch.no_grad()`, `model.train()`, reset the buffers '
+        'first); then find the step that diverged (gradient clipping, a loss scaler for fp16).'
+    ),
+)
 def check_non_finite(layer: BNLayer, t: Thresholds) -> Hits:
     import numpy as np
 
@@ -94,11 +190,53 @@ def check_non_finite(layer: BNLayer, t: Thresholds) -> Hits:
     return out
 
 
+@rule(
+    'BN002',
+    'negative-variance',
+    Severity.ERROR,
+    'running_var below zero',
+    detects=(
+        'A `running_var` below zero (`-0.0` and `0.0` are not negative).'
+    ),
+    why=(
+        'PyTorch can never produce one: the running variance is a convex combination of unbiased batch variances, '
+        'all ≥ 0. A negative value means the file was edited, converted wrongly (a log-variance or a std stored as '
+        'the variance, a sign flip in a conversion script) or corrupted. At run time `sqrt(var + eps)` is NaN when '
+        '`var < -eps`, and an enormous scale when `-eps < var < 0`.'
+    ),
+    example=('error   BN002 negative-variance features.9: running_var is negative in channel(s) 4, which no variance can be: the statistics are corrupt',),
+    fix=(
+        'Find the conversion or edit that wrote it; recompute the statistics from data.'
+    ),
+)
 def check_negative_var(layer: BNLayer, t: Thresholds) -> Hits:
     bad = _channels(layer.running_var < 0)
     return [(bad, f"running_var is negative in channel(s) {_show(bad)}, which no variance can be: the statistics are corrupt")] if bad else []
 
 
+@rule(
+    'BN003',
+    'never-updated',
+    Severity.ERROR,
+    'running_mean all exactly 0 and running_var all exactly 1',
+    detects=(
+        'Every `running_mean` exactly 0 and every `running_var` exactly 1: the values `nn.BatchNorm*` is created '
+        'with.'
+    ),
+    why=(
+        'In eval mode the layer then normalizes with the identity, so it passes its input through unscaled: '
+        'activations reach the next layers with a scale and offset they never saw in training. This is the classic '
+        '"eval accuracy is much worse than train accuracy" bug. It happens when a model is trained with '
+        '`model.eval()` on (to freeze BN, or by mistake), when the statistics are updated on another copy of the '
+        'model (a wrapper, an EMA model whose buffers are not copied), or when the file was saved before any forward'
+        ' pass.'
+    ),
+    example=('error   BN003 never-updated features.1: every running_mean is 0 and every running_var is 1: the statistics were never updated (trained in eval mode, frozen, or saved before any forward pass)',),
+    fix=(
+        'Run forward passes in train mode over representative training data (no backward pass needed) and save '
+        'again; check that the training loop calls `model.train()`.'
+    ),
+)
 def check_never_updated(layer: BNLayer, t: Thresholds) -> Hits:
     if _is_default_stats(layer):
         return [
@@ -111,6 +249,31 @@ def check_never_updated(layer: BNLayer, t: Thresholds) -> Hits:
     return []
 
 
+@rule(
+    'BN004',
+    'collapsed-variance',
+    Severity.WARNING,
+    'running_var so small that 1/sqrt(var + eps) explodes',
+    thresholds=('min_var', 'eps'),
+    detects=(
+        'A finite `running_var` in `[0, min-var)`. The finding reports the resulting normalization scale '
+        '`1/sqrt(running_var + eps)` for the worst channel: with var → 0 and eps = 1e-5 it reaches 316.'
+    ),
+    why=(
+        'The channel multiplies its input by up to `1/sqrt(eps)`: any small shift of the input distribution at '
+        'deployment (another camera, another resize) is amplified a few hundred times. When the BatchNorm is folded '
+        "into the preceding convolution for inference or quantization, that filter's weights are multiplied by "
+        '`weight/sqrt(var + eps)`: exploding folded weights that wreck int8 quantization ranges. It usually means '
+        "the channel's input is constant in training (a dead ReLU upstream, a pruned filter)."
+    ),
+    example=('warning BN004 collapsed-variance features.5: running_var below 1e-05 in channel(s) 7, 11: the normalization scale 1/sqrt(running_var + eps) reaches 316.1 (channel 7, eps=1e-05)',),
+    fix=(
+        'If the channel is also dead (BN005) prune it with the filter that feeds it; otherwise check the upstream '
+        'layer, recompute the statistics on representative data, or use a larger eps. Pass `--eps` if your layers '
+        "use another eps (Keras' default is 1e-3)."
+    ),
+    thresholds_note="`--min-var` (default: the value of `--eps`), `--eps` (default 1e-5, PyTorch's default; the state dict does not store a layer's eps)",
+)
 def check_collapsed_var(layer: BNLayer, t: Thresholds) -> Hits:
     import numpy as np
 
@@ -119,16 +282,39 @@ def check_collapsed_var(layer: BNLayer, t: Thresholds) -> Hits:
     if not bad:
         return []
     worst = min(bad, key=lambda c: var[c])
-    scale = 1.0 / float(np.sqrt(var[worst] + t.eps))
+    eps = layer_eps(layer, t)
+    with np.errstate(divide="ignore"):
+        scale = float(1.0 / np.sqrt(var[worst] + eps))
     return [
         (
             bad,
             f"running_var below {t.collapsed_below:g} in channel(s) {_show(bad)}: the normalization scale "
-            f"1/sqrt(running_var + eps) reaches {scale:.4g} (channel {worst}, eps={t.eps:g})",
+            f"1/sqrt(running_var + eps) reaches {scale:.4g} (channel {worst}, eps={eps:g})",
         )
     ]
 
 
+@rule(
+    'BN005',
+    'dead-channel',
+    Severity.INFO,
+    '|weight| below a threshold: the channel outputs a constant',
+    thresholds=('dead_weight',),
+    detects=(
+        'Channels whose `|weight|` (gamma) is below the threshold; the finding counts them per layer.'
+    ),
+    why=(
+        'Such a channel outputs (almost) the constant `bias`, whatever its input: the filter that feeds it, and the '
+        'channel itself, are wasted compute and memory. L1 penalties on gamma (network slimming) produce them on '
+        'purpose, as pruning candidates.'
+    ),
+    example=('info    BN005 dead-channel features.9: |weight| below 0.001 in 3 channel(s) (0, 2, 5): they output a constant',),
+    fix=(
+        'Nothing is broken. To save compute, prune the channels with the preceding filters and fold their constant '
+        "output into the next layer's bias."
+    ),
+    thresholds_note='`--dead-weight` (default 1e-3)',
+)
 def check_dead_channels(layer: BNLayer, t: Thresholds) -> Hits:
     import numpy as np
 
@@ -140,6 +326,27 @@ def check_dead_channels(layer: BNLayer, t: Thresholds) -> Hits:
     return [(bad, f"|weight| below {t.dead_weight:g} in {len(bad)} channel(s) ({_show(bad)}): they output a constant")]
 
 
+@rule(
+    'BN007',
+    'converted-statistics',
+    Severity.INFO,
+    'num_batches_tracked is 0 while the statistics are not the defaults',
+    detects=(
+        '`num_batches_tracked` is 0 while the statistics are not the defaults.'
+    ),
+    why=(
+        'PyTorch increments the counter on every training forward pass, so trained statistics with a zero count came'
+        ' from elsewhere: a converter from Keras, TensorFlow, ONNX or JAX (which have no such counter), or a hand '
+        'edit. Two things then deserve a check: eps (Keras uses 1e-3, PyTorch 1e-5; a converter that forgets it '
+        'shifts every output), and fine-tuning with `momentum=None`, where the first training batch replaces the '
+        'statistics outright because the cumulative average starts from a count of 0.'
+    ),
+    example=('info    BN007 converted-statistics layer1.bn: num_batches_tracked is 0 but the statistics are not the defaults: probably converted from another framework (Keras, ONNX, JAX) or edited by hand; check that eps and momentum were carried over',),
+    fix=(
+        "Check the converter's eps and momentum; set `num_batches_tracked` to a positive count if you fine-tune with"
+        ' `momentum=None`.'
+    ),
+)
 def check_converted(layer: BNLayer, t: Thresholds) -> Hits:
     if layer.num_batches_tracked == 0 and not _is_default_stats(layer):
         return [
@@ -152,6 +359,32 @@ def check_converted(layer: BNLayer, t: Thresholds) -> Hits:
     return []
 
 
+@rule(
+    'BN008',
+    'exploding-statistics',
+    Severity.WARNING,
+    'running_var or |running_mean| beyond a threshold',
+    thresholds=('max_var', 'max_mean'),
+    detects=(
+        'A finite `running_var` above `--max-var` or a `|running_mean|` above `--max-mean` (one finding per tensor).'
+    ),
+    why=(
+        'Activations of a normalized network live within a few units. Statistics this large come from un-normalized '
+        'inputs (pixels in 0..255 instead of a mean/std normalization: the first layers then see variances of the '
+        'order of 1e4), from a diverging run, or from values near the float16 limit 65504, where the next step '
+        'overflows to Inf (BN001). A model whose training inputs were not normalized collapses when deployment code '
+        'normalizes them, and vice versa.'
+    ),
+    example=(
+        'warning BN008 exploding-statistics layer1.bn: running_var above 10000 in channel(s) 2 (max 3.2e+05)',
+        'warning BN008 exploding-statistics layer1.bn: |running_mean| above 100 in channel(s) 1 (max 412)',
+    ),
+    fix=(
+        'Check the input preprocessing of training and deployment; if large statistics are expected for your data, '
+        'raise `--max-var`/`--max-mean` (or `max-var`/`max-mean` in `[tool.bncli]`).'
+    ),
+    thresholds_note='`--max-var` (default 1e4, a standard deviation of 100), `--max-mean` (default 100)',
+)
 def check_exploding(layer: BNLayer, t: Thresholds) -> Hits:
     import numpy as np
 
@@ -168,6 +401,28 @@ def check_exploding(layer: BNLayer, t: Thresholds) -> Hits:
     return out
 
 
+@rule(
+    'BN009',
+    'low-precision-statistics',
+    Severity.WARNING,
+    "float16/bfloat16 statistics below the format's normal range",
+    detects=(
+        "`running_mean` or `running_var` stored as float16 or bfloat16 with a non-zero magnitude below the format's "
+        'smallest normal number.'
+    ),
+    why=(
+        'Below it the values are subnormal: float16 then has a fixed spacing of 2^-24 ≈ 6e-8, so a variance of 1e-6 '
+        'keeps only a few significant bits (up to 3% rounding error) and anything under 3e-8 becomes 0, and with it '
+        'the scale `1/sqrt(var + eps)` changes. This happens when a whole model is cast with `model.half()`, which '
+        'casts the BatchNorm buffers too.'
+    ),
+    example=('warning BN009 low-precision-statistics layer1.bn: running_var is stored as float16 and is below its smallest normal number 6.104e-05 in channel(s) 3: those values are subnormal and have lost precision',),
+    fix=(
+        'Keep BatchNorm statistics in float32 (use autocast instead of `model.half()`, or cast the BatchNorm modules'
+        ' back with `.float()` before saving).'
+    ),
+    thresholds_note="none (the format's smallest normal number: 2^-14 ≈ 6.1e-5 for float16, 2^-126 ≈ 1.2e-38 for bfloat16)",
+)
 def check_low_precision(layer: BNLayer, t: Thresholds) -> Hits:
     import numpy as np
 
@@ -189,6 +444,27 @@ def check_low_precision(layer: BNLayer, t: Thresholds) -> Hits:
     return out
 
 
+@rule(
+    'BN010',
+    'untrained-affine',
+    Severity.INFO,
+    'weight all exactly 1 and bias all exactly 0 while the statistics are trained',
+    detects=(
+        '`weight` exactly 1 and `bias` exactly 0 in every channel, while the statistics are trained (not the BN003 '
+        'defaults).'
+    ),
+    why=(
+        'Those are the initial values: the affine parameters were never trained. Either on purpose (some recipes '
+        "freeze gamma and beta) or by mistake: they were left out of the optimizer's parameter groups, had "
+        '`requires_grad=False`, or were missing from a checkpoint loaded with `strict=False`, so the model runs '
+        'without the scale and shift it learned.'
+    ),
+    example=('info    BN010 untrained-affine layer1.bn: weight is exactly 1 and bias exactly 0 everywhere while the statistics are trained: the affine parameters were never trained (frozen, not in the optimizer, or not loaded)',),
+    fix=(
+        "If it was not intended, check the optimizer's parameter groups and the `load_state_dict` call's missing "
+        'keys.'
+    ),
+)
 def check_untrained_affine(layer: BNLayer, t: Thresholds) -> Hits:
     if layer.weight is None or layer.bias is None or layer.weight.size == 0:
         return []
@@ -198,10 +474,197 @@ def check_untrained_affine(layer: BNLayer, t: Thresholds) -> Hits:
     return []
 
 
-def check_no_batchnorm(layers: list[BNLayer], t: Thresholds) -> Hits:
+@rule(
+    'BN013',
+    'default-channels',
+    Severity.WARNING,
+    'some channels still hold running_mean 0 and running_var 1',
+    detects=(
+        'Some channels of a layer hold exactly the initial `running_mean` 0 and `running_var` 1 while its other '
+        'channels are trained; the finding lists them. (Every channel at those values is BN003.)'
+    ),
+    why=(
+        'A trained channel never lands on exactly 0 and 1: those channels never saw a batch. It comes from kernels '
+        'that skip channels (channels-last SyncBatchNorm bugs), from model surgery that widened a layer and '
+        'initialised the new channels only, or from a partial `load_state_dict` that copied some channels. In eval '
+        'mode those channels normalize with the wrong statistics, so their outputs are shifted and scaled wrongly.'
+    ),
+    example=(
+        'warning BN013 default-channels layer1.bn: 3 of 64 channel(s) (5, 21, 22) still hold exactly the initial '
+        'running_mean 0 and running_var 1 while the others are trained: those channels never saw a batch (a partial '
+        'load, model surgery, or a kernel that skipped them)',
+    ),
+    fix=(
+        'Recompute the statistics (`bncli recalibrate`, or forward passes in train mode) and find the step that '
+        'skipped the channels: a surgery script, a `strict=False` load, or the SyncBatchNorm and memory format in use.'
+    ),
+)
+def check_default_channels(layer: BNLayer, t: Thresholds) -> Hits:
+    default = (layer.running_mean == 0) & (layer.running_var == 1)
+    if default.all() or not default.any():
+        return []  # all of them is BN003's finding
+    bad = _channels(default)
+    return [
+        (
+            bad,
+            f"{len(bad)} of {default.size} channel(s) ({_show(bad)}) still hold exactly the initial running_mean 0 and "
+            "running_var 1 while the others are trained: those channels never saw a batch (a partial load, model "
+            "surgery, or a kernel that skipped them)",
+        )
+    ]
+
+
+
+@rule(
+    'BN015',
+    'fold-risk',
+    Severity.INFO,
+    'folded scales |weight|/sqrt(var + eps) spread too far, or beyond float16',
+    thresholds=('max_fold_spread', 'eps'),
+    detects=(
+        'Folding the layer into the preceding convolution multiplies each output channel by '
+        '`|weight|/sqrt(running_var + eps)`. The rule reports the largest of these scales, how many times the '
+        "layer's median it is, and the channels above `--max-fold-spread` times the median or above float16's "
+        'largest value 65504. Dead channels (scale 0, BN005) and invalid statistics (BN001, BN002) are left out of '
+        'the median.'
+    ),
+    why=(
+        'Per-tensor int8 quantization after folding spends its 255 levels on the largest weights: with one channel '
+        "scaled 200 times the median, the other channels' weights fall into a handful of levels, or to zero, and "
+        'the quantized model loses accuracy that the float model has. A scale above 65504 overflows to Inf when '
+        'the folded model is exported in half precision. It usually comes with a collapsed variance (BN004).'
+    ),
+    example=(
+        'info    BN015 fold-risk features.5: the folded scale |weight|/sqrt(running_var + eps) reaches 313.2 in '
+        'channel 11, 224.8x the median 1.393 (eps=1e-05); above 100x the median in channel(s) 7, 11: per-tensor '
+        'int8 quantization after folding loses the small channels',
+    ),
+    fix=(
+        'Quantize per channel (most toolkits can), or fix the collapsed channels first (BN004: prune them, or '
+        'recompute the statistics on representative data); keep folded weights in float32 where they exceed '
+        "float16's range. Raise `--max-fold-spread` (or `max-fold-spread` in `[tool.bncli]`) when your deployment "
+        'quantizes per channel.'
+    ),
+    thresholds_note="`--max-fold-spread` (default 100), `--eps` (default 1e-5)",
+)
+def check_fold_risk(layer: BNLayer, t: Thresholds) -> Hits:
+    import numpy as np
+
+    var = layer.running_var.astype(np.float64)
+    gamma = np.ones_like(var) if layer.weight is None else np.abs(layer.weight.astype(np.float64))
+    eps = layer_eps(layer, t)
+    usable = np.isfinite(var) & (var >= 0) & np.isfinite(gamma)
+    if _is_default_stats(layer) or not usable.any():
+        return []  # BN003 and BN001/BN002 say what is wrong there
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(usable, gamma / np.sqrt(var + eps), np.nan)  # var + eps == 0 with --eps 0: inf
+    live = scale[usable & (scale > 0)]  # dead channels (gamma 0) are BN005's, and say nothing of the spread
+    if live.size == 0:
+        return []
+    median = float(np.median(live))
+    top = int(np.nanargmax(np.where(usable, scale, -np.inf)))
+    largest = float(scale[top])
+    with np.errstate(invalid="ignore"):
+        spread_out = _channels(usable & (scale > median * t.max_fold_spread))
+        over = _channels(usable & (scale > FLOAT16_MAX))
+    if not spread_out and not over:
+        return []
+    message = (
+        f"the folded scale |weight|/sqrt(running_var + eps) reaches {largest:.4g} in channel {top}, "
+        f"{largest / median:.4g}x the median {median:.4g} (eps={eps:g})"
+    )
+    if spread_out:
+        message += (
+            f"; above {t.max_fold_spread:g}x the median in channel(s) {_show(spread_out)}: per-tensor int8 quantization "
+            "after folding loses the small channels"
+        )
+    if over:
+        message += f"; above float16's largest value {FLOAT16_MAX:g} in channel(s) {_show(over)}: a half-precision export overflows"
+    return [(tuple(sorted(set(spread_out) | set(over))), message)]
+
+
+@rule(
+    'BN011',
+    'no-batchnorm',
+    Severity.INFO,
+    'no BatchNorm layer in the file',
+    scope='file',
+    detects=(
+        'A readable file in which no key prefix has both `running_mean` and `running_var`. The finding belongs to '
+        'the file, not to a layer.'
+    ),
+    why=(
+        'Usually the wrong file: an optimizer state, a tensor file, an export whose BatchNorm layers were fused into'
+        ' the convolutions, or a model without BatchNorm at all. A CI gate that expects BatchNorm layers would '
+        'otherwise pass such a file silently.'
+    ),
+    example=('info    BN011 no-batchnorm no BatchNorm layer in the file (no key prefix has both running_mean and running_var)',),
+    fix=(
+        'Point bncli at the right file; pass `--require-bn` in pipelines where every checkpoint must have BatchNorm '
+        'layers.'
+    ),
+    severity_note='error with `--require-bn` or `require-bn = true`',
+)
+def check_no_batchnorm(layers: list[BNLayer], t: Thresholds) -> FileHits:
     if layers:
         return []
-    return [((), "no BatchNorm layer in the file (no key prefix has both running_mean and running_var)")]
+    return [(None, (), "no BatchNorm layer in the file (no key prefix has both running_mean and running_var)")]
+
+
+@rule(
+    'BN014',
+    'duplicate-statistics',
+    Severity.WARNING,
+    'layers of the same size with bit-identical running statistics',
+    scope='file',
+    detects=(
+        'Two or more layers of the same size whose `running_mean` and `running_var` are bit-identical. The finding '
+        'belongs to the first of them and names them all. Layers that were never updated (BN003) are left out: '
+        'their defaults are alike by design.'
+    ),
+    why=(
+        'Two layers that see different inputs never accumulate the same statistics to the last bit. Identical '
+        'buffers mean one is a copy of the other: an EMA model whose BatchNorm buffers were never copied or '
+        'averaged (only the parameters were), a module shared between two places and saved twice, or a '
+        'checkpoint assembled from the wrong layer. The copy then normalizes with statistics that are not its own.'
+    ),
+    example=(
+        'warning BN014 duplicate-statistics backbone.bn1: backbone.bn1 and ema.bn1 have bit-identical running_mean '
+        'and running_var (64 channels): one is a copy of the other (a module shared and saved twice, or an EMA or '
+        'copy whose buffers were never updated)',
+    ),
+    fix=(
+        "For an EMA, average or copy the buffers as well as the parameters (timm's `ModelEmaV2` and "
+        "`torch.optim.swa_utils.AveragedModel(..., use_buffers=True)` do), or recompute the copy's statistics with "
+        '`bncli recalibrate`; `bncli diff ckpt.pt ckpt.pt --state-a model --state-b model_ema` shows how the two '
+        'copies differ layer by layer.'
+    ),
+)
+def check_duplicate_statistics(layers: list[BNLayer], t: Thresholds) -> FileHits:
+    groups: dict[tuple, list[BNLayer]] = {}
+    for bn in layers:
+        if bn.running_mean.shape != bn.running_var.shape or _is_default_stats(bn):
+            continue  # never-updated layers are all alike: BN003 reports each of them
+        key = (bn.running_var.size, bn.running_mean.tobytes(), bn.running_var.tobytes())
+        groups.setdefault(key, []).append(bn)
+    out: FileHits = []
+    for same in groups.values():
+        if len(same) < 2:
+            continue
+        names = [bn.name for bn in same]
+        if len(names) == 2:
+            who, copies = f"{names[0]} and {names[1]}", "one is a copy of the other"
+        else:
+            who, copies = f"{len(names)} layers ({', '.join(names)})", "they are copies of one another"
+        out.append(
+            (
+                names[0],
+                (),
+                f"{who} have bit-identical running_mean and running_var ({same[0].num_features} channels): {copies} "
+                "(a module shared and saved twice, or an EMA or copy whose buffers were never updated)",
+            )
+        )
+    return out
 
 
 # Globals whose call is code execution by itself (not a class being rebuilt): named as calls in BN012.
@@ -214,7 +677,37 @@ DANGEROUS_CALLS = frozenset(
 )
 
 
-def check_pickled_code(prov) -> Hits:
+@rule(
+    'BN012',
+    'pickled-code',
+    Severity.WARNING,
+    'loading the file needs torch.load(weights_only=False), which imports and calls what the pickle names',
+    scope='source',
+    detects=(
+        'A torch file whose pickle names globals that `torch.load(weights_only=True)` refuses: a whole pickled '
+        'model (`torch.save(model)`, every ultralytics YOLO `.pt`), an `argparse.Namespace` of training arguments, '
+        'a custom class, or a `__reduce__` payload that calls `os.system`. bncli reads such files as data with its '
+        'own restricted pickle machine (nothing is imported or called) and audits their BatchNorm layers; the '
+        'finding lists the globals, sorted, the ones outside torch first, and names separately the calls that run '
+        'code by themselves (`posix.system`, `subprocess.Popen`, `builtins.eval`, `builtins.getattr`...).'
+    ),
+    why=(
+        'Whoever loads the file the usual way (`torch.load(path, weights_only=False)`, or any torch before 2.6) '
+        'imports every one of those modules and calls every one of those functions: a supply-chain risk that a CI '
+        'gate should see beside the BatchNorm audit.'
+    ),
+    example=(
+        'warning BN012 pickled-code only torch.load(weights_only=False) can load this file, which would import 3 '
+        'globals (argparse.Namespace, posix.system, torch.nn.modules.batchnorm.BatchNorm2d) and call posix.system, '
+        'which runs code by itself; bncli read it as data and imported nothing',
+    ),
+    fix=(
+        'Load only files you trust with `weights_only=False`; publish the weights as a state dict '
+        '(`torch.save(model.state_dict(), ...)`) or as safetensors. Teams that accept ultralytics files can '
+        '`--ignore pickled-code`.'
+    ),
+)
+def check_pickled_code(prov) -> FileHits:
     names = list(getattr(prov, "pickled_globals", ()))
     if not names:
         return []
@@ -223,32 +716,11 @@ def check_pickled_code(prov) -> Hits:
     what = f"would import {len(names)} global{'s' if len(names) != 1 else ''} ({shown})"
     if calls:
         what += f" and call {', '.join(calls)}, which runs code by itself"
-    return [((), f"only torch.load(weights_only=False) can load this file, which {what}; bncli read it as data "
-                 "and imported nothing")]
+    return [(None, (), f"only torch.load(weights_only=False) can load this file, which {what}; bncli read it as data "
+                       "and imported nothing")]
 
 
-# Shape comes first: when lengths differ the per-channel rules cannot line channels up and are skipped.
-RULES: tuple[Rule, ...] = (
-    Rule("BN006", "shape-mismatch", Severity.ERROR, "running_mean, running_var, weight and bias lengths differ", check_shapes),
-    Rule("BN001", "non-finite", Severity.ERROR, "NaN or Inf in statistics or affine parameters", check_non_finite),
-    Rule("BN002", "negative-variance", Severity.ERROR, "running_var below zero", check_negative_var),
-    Rule("BN003", "never-updated", Severity.ERROR, "running_mean all 0 and running_var all 1", check_never_updated),
-    Rule("BN004", "collapsed-variance", Severity.WARNING, "running_var below a threshold (default eps)", check_collapsed_var,
-         ("eps", "min_var")),
-    Rule("BN005", "dead-channel", Severity.INFO, "|weight| below a threshold", check_dead_channels, ("dead_weight",)),
-    Rule("BN007", "converted-statistics", Severity.INFO, "num_batches_tracked is 0 but the statistics are not the defaults",
-         check_converted),
-    Rule("BN008", "exploding-statistics", Severity.WARNING, "running_var or |running_mean| above a threshold", check_exploding,
-         ("max_var", "max_mean")),
-    Rule("BN009", "low-precision-statistics", Severity.WARNING, "float16/bfloat16 statistics below the format's normal range",
-         check_low_precision),
-    Rule("BN010", "untrained-affine", Severity.INFO, "weight all 1 and bias all 0 while the statistics are trained",
-         check_untrained_affine),
-    Rule("BN012", "pickled-code", Severity.WARNING, "loading the file needs torch.load(weights_only=False), which imports "
-         "and calls what the pickle names", check_pickled_code, scope="source"),
-    Rule("BN011", "no-batchnorm", Severity.INFO, "no BatchNorm layer in the file (error with --require-bn)", check_no_batchnorm,
-         scope="file"),
-)
+RULES: tuple[Rule, ...] = tuple(_CATALOGUE)  # in definition order: shape first, file rules last
 ALL_IDS = frozenset(r.id for r in RULES)
 
 
@@ -298,8 +770,8 @@ def run_file_rules(
     require_bn: bool = False,
     provenance=None,
 ) -> list[Finding]:
-    """Findings about the file as a whole (layer None); --require-bn raises BN011 to an error. Source rules
-    (BN012) run when the file's provenance is given."""
+    """Findings about the file as a whole (layer None) or across layers (the first layer named); --require-bn raises
+    BN011 to an error. Source rules (BN012) run when the file's provenance is given."""
     findings = []
     for rule in RULES:
         if rule.scope == "layer" or rule.id not in selected:
@@ -309,5 +781,5 @@ def run_file_rules(
         else:
             hits = rule.check(layers, thresholds)
         severity = Severity.ERROR if rule.id == "BN011" and require_bn else rule.severity
-        findings.extend(Finding(rule.id, rule.name, severity, None, ch, msg) for ch, msg in hits)
+        findings.extend(Finding(rule.id, rule.name, severity, name, ch, msg) for name, ch, msg in hits)
     return findings

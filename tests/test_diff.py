@@ -106,7 +106,7 @@ def test_only_in_one_side_and_shape_changed(cli, make_ckpt):
     assert "1 layer in both: 0 changed, 1 shape-changed, 0 identical; 1 only in A, 1 only in B" in result.stdout
     md = cli("diff", a, b, "--format", "markdown")
     assert md.exit_code == 0
-    assert "| features.1 | 6→8 | shape-changed | - | - | - | - | +0 | - | - |" in md.stdout
+    assert "| `features.1` | 6→8 | shape-changed | - | - | - | - | +0 | - | - |" in md.stdout
     assert "Only in A: `features.5`" in md.stdout
 
 

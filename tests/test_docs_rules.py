@@ -1,4 +1,4 @@
-"""docs/rules.md documents exactly the rules in bncli/rules.py, with their severities, thresholds and real messages."""
+"""docs/rules.md is generated from the catalogue in bncli/rules.py: the same rules, severities, thresholds and real messages."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import re
 
 from conftest import ROOT
 
+from bncli import ruledoc
 from bncli.rules import RULES
 
 DOC = (ROOT / "docs" / "rules.md").read_text()
@@ -52,6 +53,36 @@ def test_examples_are_real_output():
     from bncli.audit import inspect_files
 
     findings = inspect_files([SAMPLES / "model_defects.pt"]).findings
-    assert len(findings) == 5
+    assert len(findings) == 6
     for f in findings:
         assert f"    {f.severity.value:<8}{f.rule} {f.name} {f.layer}: {f.message}\n" in DOC
+
+
+def test_the_page_is_the_catalogue():
+    """Edit the rule in bncli/rules.py, then `python3 -m bncli.ruledoc > docs/rules.md`."""
+    assert DOC == ruledoc.markdown() + "\n"
+
+
+def test_every_rule_has_its_text_and_a_unique_anchor():
+    assert len({r.anchor for r in RULES}) == len(RULES)
+    for rule in RULES:
+        assert rule.summary and rule.detects and rule.why and rule.fix and rule.example, rule.id
+        assert rule.help_uri.endswith("docs/rules.md#" + rule.anchor)
+        # GitHub's anchor for the section heading "## BN004 collapsed-variance"
+        assert f"## {rule.id} {rule.name}\n" in DOC and rule.anchor == f"{rule.id} {rule.name}".lower().replace(" ", "-")
+
+
+def test_new_rule_examples_are_real_output(make_ckpt):
+    """BN013 and BN014's examples are what `bncli inspect` prints for the checkpoints they describe."""
+    from conftest import bn_state
+
+    from bncli.audit import inspect_file
+    from bncli.rules import rule_by_key
+
+    sd = bn_state(64, prefix="layer1.bn", seed=1)
+    sd["layer1.bn.running_mean"][[5, 21, 22]] = 0.0
+    sd["layer1.bn.running_var"][[5, 21, 22]] = 1.0
+    for prefix, seed in (("backbone.bn1", 2), ("ema.bn1", 2), ("head.bn", 3)):
+        sd.update(bn_state(64, prefix=prefix, seed=seed))
+    lines = [f"{f.severity.value:<8}{f.rule} {f.name} {f.layer}: {f.message}" for f in inspect_file(make_ckpt(sd)).findings]
+    assert lines == [rule_by_key("BN013").example[0], rule_by_key("BN014").example[0]]

@@ -63,7 +63,7 @@ def run(
     Other prefixes (Lightning's 'model.') are stripped only when asked: --strip-prefix for both files,
     --strip-prefix-a/-b for one; every key of that file must then start with the prefix.
     """
-    from bncli.cli import emit, stderr_console
+    from bncli.console import emit, note
     from bncli.diff import diff_files
     from bncli.render import renderer_for
 
@@ -77,7 +77,7 @@ def run(
     emit(renderer_for(fmt, "diff")(report))
     code = exit_code(report.changed, report.unchanged, fail_on_change, fail_if_unchanged)
     if code:
-        stderr_console().print(_why(report.changed if fail_on_change else report.unchanged, fail_on_change), markup=False)
+        note(_why(report.changed if fail_on_change else report.unchanged, fail_on_change))
         raise typer.Exit(code)
 
 

@@ -16,7 +16,7 @@ COMMAND = {
     "epilog": "Examples:  bncli inspect model.pt  ·  bncli inspect model.pt --layer features.1  ·  "
     "bncli inspect checkpoints/ 'runs/**/*.pt' --format github --fail-on warning  ·  "
     "bncli inspect model.pt --ignore dead-channel --max-var 1e6.  "
-    "Rules: BN001..BN011, see docs/rules.md.  Settings may also come from the tool.bncli table of pyproject.toml; options win.",
+    "Rules: `bncli rules` lists them, `bncli rules BN004` explains one.  Settings may also come from the tool.bncli table of pyproject.toml; options win.",
 }
 
 
@@ -81,6 +81,10 @@ def run(
     dead_weight: Annotated[
         Optional[float], _threshold("--dead-weight", "BN005: |weight| below this is a dead channel. (default: 1e-3)")
     ] = None,
+    max_fold_spread: Annotated[
+        Optional[float],
+        _threshold("--max-fold-spread", "BN015: a folded scale this many times the median is a risk. (default: 100)"),
+    ] = None,
     state: Annotated[
         Optional[str],
         typer.Option("--state", help="Key of the state dict inside the checkpoint, e.g. 'ema' (default: found automatically)."),
@@ -94,12 +98,12 @@ def run(
 
     A BatchNorm layer is any key prefix with both running_mean and running_var; names need not contain "bn".
     Flags NaN/Inf, negative, collapsed or exploding variances, statistics never updated, dead channels and more:
-    each finding carries a stable rule id (BN001...) documented in docs/rules.md.
+    each finding carries a stable rule id (BN001...): `bncli rules ID` says what it means and how to fix it.
     Exit status: 3 if any input could not be read, else 1 if a finding reached --fail-on, else 0.
     """
     from bncli.audit import expand_inputs, inspect_files
-    from bncli.cli import emit, error_line, warn
     from bncli.config import load_config, resolve_inspect
+    from bncli.console import emit, error_line, warn
     from bncli.render import renderer_for
 
     config = load_config()
@@ -108,6 +112,7 @@ def run(
     options = {
         "format": fmt, "fail-on": fail_on, "select": select, "ignore": ignore, "require-bn": require_bn,
         "eps": eps, "min-var": min_var, "max-var": max_var, "max-mean": max_mean, "dead-weight": dead_weight,
+        "max-fold-spread": max_fold_spread,
     }  # fmt: skip
     settings = resolve_inspect(options, config)
     render = renderer_for(Format(settings.format), "inspect")  # before the audit: a bad format fails fast

@@ -9,8 +9,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from bncli.console import md_code, md_text, no_command_lines, terminal, text, workflow_data
 from bncli.diff import CHANGED, IDENTICAL, SHAPE_CHANGED, DiffReport, LayerDiff
-from bncli.render.github import escape_data
 from bncli.render.json import SCHEMA_VERSION, _dump
 from bncli.render.table import fmt
 
@@ -67,7 +67,7 @@ def title_line(report: DiffReport) -> str:
 
 
 def diff_table(report: DiffReport) -> RenderableType:
-    parts: list[RenderableType] = [Text(title_line(report), style="bold")]
+    parts: list[RenderableType] = [text(title_line(report), style="bold")]
     single = len(report.layers) == 1 and report.layers[0].channels is not None
     if report.layers:
         table = Table(show_edge=False, pad_edge=False, header_style="bold")
@@ -75,11 +75,11 @@ def diff_table(report: DiffReport) -> RenderableType:
             table.add_column(header, justify="left" if i in (0, 2) else "right", no_wrap=i != 0, overflow="fold")
         for layer in report.layers:
             cells = layer_cells(layer)
-            table.add_row(*cells[:2], Text(cells[2], style=VERDICT_STYLES[layer.verdict]), *cells[3:])
+            table.add_row(text(cells[0]), cells[1], Text(cells[2], style=VERDICT_STYLES[layer.verdict]), *cells[3:])
         parts.append(table)
     if single:
         layer = report.layers[0]
-        table = Table(title=f"layer {layer.name}, channel by channel", title_justify="left", show_edge=False,
+        table = Table(title=text(f"layer {layer.name}, channel by channel"), title_justify="left", show_edge=False,
                       pad_edge=False, header_style="bold")
         for header in CHANNEL_HEADERS:
             table.add_column(header, justify="right", no_wrap=True)
@@ -88,7 +88,7 @@ def diff_table(report: DiffReport) -> RenderableType:
         parts.append(table)
     for label, names in (("only in A", report.only_a), ("only in B", report.only_b)):
         if names:
-            parts.append(Text(f"{label}: {', '.join(names)}", style="red"))
+            parts.append(text(f"{label}: {', '.join(names)}", style="red"))
     parts.append(Text(summary_line(report)))
     parts.append(Text("mean shift = |mean_B - mean_A| / sqrt(var_A + eps); var ratio = var_B / var_A; "
                       "sym KL = KL(A||B) + KL(B||A) of N(mean, var + eps)", style="dim"))
@@ -125,7 +125,8 @@ def diff_json(report: DiffReport) -> str:
 
 
 def _md_row(cells: list[str]) -> str:
-    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+    """Cells that bncli wrote (numbers, headers, verdicts) or that are already escaped (md_code)."""
+    return "| " + " | ".join(c.replace("|", "\\|") if not c.startswith("`") else c for c in cells) + " |"
 
 
 def _md_table(headers: tuple[str, ...], rows: list[list[str]], left: tuple[int, ...]) -> list[str]:
@@ -134,17 +135,19 @@ def _md_table(headers: tuple[str, ...], rows: list[list[str]], left: tuple[int, 
 
 
 def diff_markdown(report: DiffReport) -> str:
-    lines = [f"**BatchNorm diff**: A = `{report.path_a}`, B = `{report.path_b}` (eps={report.eps:g})", ""]
+    lines = [f"**BatchNorm diff**: A = {md_code(report.path_a, False)}, B = {md_code(report.path_b, False)} "
+             f"(eps={report.eps:g})", ""]
     if report.layers:
-        lines += _md_table(LAYER_HEADERS, [layer_cells(x) for x in report.layers], left=(0, 2))
+        rows = [[md_code(cells[0]), *cells[1:]] for cells in (layer_cells(x) for x in report.layers)]
+        lines += _md_table(LAYER_HEADERS, rows, left=(0, 2))
         lines.append("")
     if len(report.layers) == 1 and report.layers[0].channels is not None:
-        lines += [f"Layer `{report.layers[0].name}`, channel by channel:", ""]
+        lines += [f"Layer {md_code(report.layers[0].name, False)}, channel by channel:", ""]
         lines += _md_table(CHANNEL_HEADERS, channel_cells(report.layers[0]), left=(len(CHANNEL_HEADERS) - 1,))
         lines.append("")
     for label, names in (("Only in A", report.only_a), ("Only in B", report.only_b)):
         if names:
-            lines += [f"{label}: " + ", ".join(f"`{n}`" for n in names), ""]
+            lines += [f"{label}: " + ", ".join(md_code(n, False) for n in names), ""]
     lines.append(summary_line(report))
     return "\n".join(lines)
 
@@ -165,7 +168,7 @@ def recalibrate_lines(report) -> list[str]:
 
 
 def recalibrate_table(report) -> RenderableType:
-    return Group(*(Text(line) for line in recalibrate_lines(report)), diff_table(report.diff))
+    return Group(*(text(line) for line in recalibrate_lines(report)), diff_table(report.diff))
 
 
 def recalibrate_json(report) -> str:
@@ -188,7 +191,7 @@ def recalibrate_json(report) -> str:
 
 
 def recalibrate_markdown(report) -> str:
-    return "\n\n".join([*recalibrate_lines(report), diff_markdown(report.diff)])
+    return "\n\n".join([*(md_text(line) for line in recalibrate_lines(report)), diff_markdown(report.diff)])
 
 
 def diff_github(report: DiffReport) -> str:
@@ -201,12 +204,13 @@ def diff_github(report: DiffReport) -> str:
             f"{len(layer.changed_channels)} of {layer.num_features_a} channels; max mean shift {fmt(layer.max_shift)}, "
             f"var ratio {fmt(layer.var_ratio_min)}..{fmt(layer.var_ratio_max)}, mean sym KL {fmt(layer.mean_kl)}"
         )
-        lines.append(f"::notice title=bncli diff::{escape_data(f'{layer.name}: {layer.verdict} ({detail})')}")
+        lines.append(f"::notice title=bncli diff::{workflow_data(f'{layer.name}: {layer.verdict} ({detail})')}")
     for label, names in (("only in A", report.only_a), ("only in B", report.only_b)):
-        lines.extend(f"::notice title=bncli diff::{escape_data(f'{name}: {label}')}" for name in names)
+        lines.extend(f"::notice title=bncli diff::{workflow_data(f'{name}: {label}')}" for name in names)
     lines.append(summary_line(report))
     return "\n".join(lines)
 
 
 def recalibrate_github(report) -> str:
-    return "\n".join([*recalibrate_lines(report), diff_github(report.diff)])
+    plain = (no_command_lines(terminal(line)) for line in recalibrate_lines(report))  # lines, not commands
+    return "\n".join([*plain, diff_github(report.diff)])

@@ -1,0 +1,49 @@
+"""`bncli rules`: the rule catalogue, from the package itself (what each rule detects, why it matters, how to fix it)."""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Optional
+
+import typer
+
+COMMAND = {
+    "name": "rules",
+    "epilog": "Examples:  bncli rules  ·  bncli rules BN004  ·  bncli rules collapsed-variance  ·  bncli rules --format json",
+}
+
+
+class RulesFormat(str, enum.Enum):
+    TABLE = "table"
+    JSON = "json"
+    MARKDOWN = "markdown"
+
+
+def run(
+    rule: Annotated[
+        Optional[str],
+        typer.Argument(help="A rule id or name (BN004, collapsed-variance); all rules when omitted.", show_default=False,
+                       metavar="[RULE]"),
+    ] = None,
+    fmt: Annotated[RulesFormat, typer.Option("--format", "-f", help="Output format.")] = RulesFormat.TABLE,
+) -> None:
+    """List the audit rules, or explain one: what it detects, why it matters and how to fix it.
+
+    docs/rules.md is generated from the same text (`bncli rules --format markdown`).
+    """
+    import shutil
+
+    from bncli import ruledoc
+    from bncli.console import emit
+    from bncli.rules import rule_by_key
+
+    chosen = [rule_by_key(rule)] if rule is not None else None  # an unknown rule: exit 2 with the nearest names
+    fmt = RulesFormat(fmt)
+    if fmt is RulesFormat.JSON:
+        emit(ruledoc.as_json(chosen))
+    elif fmt is RulesFormat.MARKDOWN:
+        emit(ruledoc.markdown(chosen))
+    elif chosen is None:
+        emit(ruledoc.listing())
+    else:
+        emit(ruledoc.explain(chosen[0], shutil.get_terminal_size((100, 24)).columns))
