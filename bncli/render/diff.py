@@ -9,8 +9,9 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from bncli.console import md_code, md_text, no_command_lines, terminal, text, workflow_data
-from bncli.diff import CHANGED, IDENTICAL, SHAPE_CHANGED, DiffReport, LayerDiff
+from bncli.console import md_code, md_text, no_command_lines, terminal, text
+from bncli.diff import CHANGED, FAIL_IF_UNCHANGED, FAIL_ON_CHANGE, IDENTICAL, SHAPE_CHANGED, DiffReport, LayerDiff
+from bncli.render.github import command
 from bncli.render.json import SCHEMA_VERSION, _dump
 from bncli.render.table import fmt
 
@@ -62,8 +63,27 @@ def summary_line(report: DiffReport) -> str:
     )
 
 
+def _side(path: str, state: str | None) -> str:
+    return path if state is None else f"{path} [{state}]"
+
+
+def _settings(report: DiffReport) -> str:
+    tolerance = f", atol={report.atol:g}, rtol={report.rtol:g}" if report.atol or report.rtol else ""
+    return f"eps={report.eps:g}{tolerance}"
+
+
 def title_line(report: DiffReport) -> str:
-    return f"A = {report.path_a}   B = {report.path_b}   (eps={report.eps:g})"
+    return f"A = {_side(report.path_a, report.state_a)}   B = {_side(report.path_b, report.state_b)}   ({_settings(report)})"
+
+
+def gate_message(report: DiffReport) -> str:
+    """The one line that says why a gate failed (stderr, and the ::error annotation)."""
+    names = report.violations
+    if not names:
+        return "--fail-if-unchanged: no BatchNorm layer is in both checkpoints"
+    shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+    what = "changed" if report.gate == FAIL_ON_CHANGE else "unchanged"
+    return f"--{report.gate}: {len(names)} BatchNorm layer{'s' if len(names) != 1 else ''} {what}: {shown}"
 
 
 def diff_table(report: DiffReport) -> RenderableType:
@@ -105,9 +125,14 @@ def diff_payload(report: DiffReport) -> dict[str, Any]:
             entry["channels"] = [dataclasses.asdict(c) for c in layer.channels]
         layers.append(entry)
     return {
-        "a": {"path": report.path_a, "prefix": report.prefix_a},
-        "b": {"path": report.path_b, "prefix": report.prefix_b},
+        "a": {"path": report.path_a, "prefix": report.prefix_a, "container": report.container_a},
+        "b": {"path": report.path_b, "prefix": report.prefix_b, "container": report.container_b},
         "eps": report.eps,
+        "atol": report.atol,
+        "rtol": report.rtol,
+        "gate": None if report.gate is None else {
+            "option": report.gate, "failed": report.failed, "layers": list(report.violations),
+        },
         "layers": layers,
         "only_a": list(report.only_a),
         "only_b": list(report.only_b),
@@ -135,8 +160,8 @@ def _md_table(headers: tuple[str, ...], rows: list[list[str]], left: tuple[int, 
 
 
 def diff_markdown(report: DiffReport) -> str:
-    lines = [f"**BatchNorm diff**: A = {md_code(report.path_a, False)}, B = {md_code(report.path_b, False)} "
-             f"(eps={report.eps:g})", ""]
+    lines = [f"**BatchNorm diff**: A = {md_code(_side(report.path_a, report.state_a), False)}, "
+             f"B = {md_code(_side(report.path_b, report.state_b), False)} ({_settings(report)})", ""]
     if report.layers:
         rows = [[md_code(cells[0]), *cells[1:]] for cells in (layer_cells(x) for x in report.layers)]
         lines += _md_table(LAYER_HEADERS, rows, left=(0, 2))
@@ -195,18 +220,30 @@ def recalibrate_markdown(report) -> str:
 
 
 def diff_github(report: DiffReport) -> str:
-    """GitHub Actions annotations: one ::notice per layer that differs, then the summary."""
+    """GitHub Actions annotations on file B: one per layer that differs (and, with --fail-if-unchanged, per
+    identical layer); ::error where the layer violates the gate, ::notice otherwise; then the summary."""
+    violating = set(report.violations)
+    title = "bncli diff" if report.gate is None else f"bncli diff --{report.gate}"
+
+    def annotate(name: str, message: str) -> str:
+        level = "error" if name in violating else "notice"
+        return command(level, f"{name}: {message}", file=report.path_b, title=title)
+
     lines = []
     for layer in report.layers:
         if layer.verdict == IDENTICAL:
+            if report.gate == FAIL_IF_UNCHANGED:
+                lines.append(annotate(layer.name, "identical"))
             continue
         detail = f"{layer.num_features_a}→{layer.num_features_b} channels" if layer.verdict == SHAPE_CHANGED else (
             f"{len(layer.changed_channels)} of {layer.num_features_a} channels; max mean shift {fmt(layer.max_shift)}, "
             f"var ratio {fmt(layer.var_ratio_min)}..{fmt(layer.var_ratio_max)}, mean sym KL {fmt(layer.mean_kl)}"
         )
-        lines.append(f"::notice title=bncli diff::{workflow_data(f'{layer.name}: {layer.verdict} ({detail})')}")
+        lines.append(annotate(layer.name, f"{layer.verdict} ({detail})"))
     for label, names in (("only in A", report.only_a), ("only in B", report.only_b)):
-        lines.extend(f"::notice title=bncli diff::{workflow_data(f'{name}: {label}')}" for name in names)
+        lines.extend(annotate(name, label) for name in names)
+    if report.gate == FAIL_IF_UNCHANGED and not report.layers:
+        lines.append(command("error", gate_message(report), file=report.path_b, title=title))
     lines.append(summary_line(report))
     return "\n".join(lines)
 
