@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bncli.errors import InputError
-from bncli.layers import find_layers, read_layer, select_layer
+from bncli.layers import UnknownLayer, find_layers, read_layer, select_layer
 from bncli.loading import TORCH_SUFFIXES, load_checkpoint
 from bncli.report import PROFILE_WIDTH, ChannelRow, FileReport, Finding, InspectReport, LayerReport, Summary
 from bncli.rules import ALL_IDS, Thresholds, run_file_rules, run_rules
@@ -177,6 +177,7 @@ def inspect_files(
 ) -> InspectReport:
     """Audit every input; an unreadable one becomes a FileReport with `error` set instead of stopping the rest."""
     files = []
+    unknown: list[UnknownLayer] = []
     for p in paths:
         if isinstance(p, NoInputFound):
             files.append(FileReport.unreadable(p.path, p.message))
@@ -193,8 +194,13 @@ def inspect_files(
                     strip_prefix=strip_prefix,
                 )
             )
-        except InputError as exc:
+        except (InputError, UnknownLayer) as exc:
             files.append(FileReport.unreadable(os.fspath(p), exc.message))
+            if isinstance(exc, UnknownLayer):
+                unknown.append(exc)
+    readable = [f for f in files if f.error is None]
+    if unknown and not readable and len(unknown) == sum(1 for p in paths if not isinstance(p, NoInputFound)):
+        raise unknown[0]  # --layer names a layer no input has: the user's argument, one line, exit 2
     return InspectReport(tuple(files), skipped=tuple(getattr(paths, "skipped", ())))
 
 
@@ -212,7 +218,7 @@ def inspect_file(
     ckpt = load_checkpoint(Path(path), state=state, strip_prefix=strip_prefix)
     keys = find_layers(ckpt)
     if layer is not None:
-        keys = [select_layer(keys, layer, ckpt.provenance.path)]
+        keys = [select_layer(keys, layer, ckpt.provenance.path, ckpt.provenance.prefix)]
     bns = [read_layer(ckpt, k) for k in keys]
     per_layer = [run_rules(bn, thresholds, selected) for bn in bns]
     # BN014 names a layer: its flags show it; BN012 is about the file's pickle

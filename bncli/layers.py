@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bncli.errors import InputError
+from bncli.errors import InputError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -63,17 +63,41 @@ def find_layers(keys: Iterable[str]) -> list[LayerKeys]:
     ]
 
 
-def select_layer(layers: list[LayerKeys], name: str, path: str) -> LayerKeys:
-    """The layer called `name`; an unknown name is an input error that suggests the nearest names."""
+class UnknownLayer(UsageError):
+    """--layer names no BatchNorm layer of the file: the user's argument (exit 2), not a bad file."""
+
+
+def select_layer(layers: list[LayerKeys], name: str, path: str, prefix: str | None = None) -> LayerKeys:
+    """The layer called `name`, as listed (prefix stripped) or as stored in the file (`module.bn1` when the
+    file's 'module.' was stripped); an unknown name is a usage error that suggests the nearest names: those one
+    is a dotted suffix of first (`bn1` for `layer1.0.bn1`), then the most similar."""
     by_name = {layer.name: layer for layer in layers}
-    if name in by_name:
-        return by_name[name]
+    for candidate in _spellings(name, prefix):
+        if candidate in by_name:
+            return by_name[candidate]
     if not layers:
-        raise InputError(f"{path}: no BatchNorm layer found, so no layer {name!r}")
+        raise UnknownLayer(f"{path}: no BatchNorm layer found, so no layer {name!r}")
+    wanted = _spellings(name, prefix)[-1]
+    longer = [n for n in by_name if n.endswith("." + wanted)]  # `bn1` -> layer1.0.bn1
+    shorter = [n for n in by_name if wanted.endswith("." + n) and n not in longer]  # `x.layer1.0.bn1` -> layer1.0.bn1
+    suffix = longer + shorter
     # Closest first; ties keep file order (difflib.get_close_matches would break them by reversed name).
-    ratio = {n: difflib.SequenceMatcher(None, name, n).ratio() for n in by_name}
-    near = sorted((n for n in by_name if ratio[n] >= 0.4), key=lambda n: -ratio[n])[:5] or list(by_name)[:5]
-    raise InputError(f"{path}: no BatchNorm layer named {name!r}; nearest: {', '.join(near)}")
+    ratio = {n: difflib.SequenceMatcher(None, wanted, n).ratio() for n in by_name if n not in suffix}
+    similar = sorted((n for n in ratio if ratio[n] >= 0.4), key=lambda n: -ratio[n])
+    near = (suffix + similar)[:5] or list(by_name)[:5]
+    raise UnknownLayer(f"{path}: no BatchNorm layer named {name!r}; nearest: {', '.join(near)}")
+
+
+def _spellings(name: str, prefix: str | None) -> list[str]:
+    """`name`, then `name` without the prefix the loader stripped (or the wrapper prefixes it strips)."""
+    out = [name]
+    if prefix and name.startswith(prefix) and len(name) > len(prefix):
+        out.append(name[len(prefix):])
+    rest = name
+    while rest.startswith(("module.", "_orig_mod.")):
+        rest = rest.split(".", 1)[1]
+        out.append(rest)
+    return list(dict.fromkeys(out))
 
 
 def read_layer(ckpt: Checkpoint, keys: LayerKeys) -> BNLayer:

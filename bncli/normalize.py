@@ -298,7 +298,7 @@ def _checkpoint_layer(checkpoint, layer: str):
     from bncli.rules import Thresholds, check_shapes
 
     ckpt = load_checkpoint(checkpoint)
-    keys = select_layer(find_layers(ckpt), layer, ckpt.provenance.path)
+    keys = select_layer(find_layers(ckpt), layer, ckpt.provenance.path, ckpt.provenance.prefix)
     state = read_layer(ckpt, keys)
     for _, problem in check_shapes(state, Thresholds()):  # the same check as inspect's BN006
         raise InputError(f"{ckpt.provenance.path}: layer {layer!r}: {problem}; run `bncli inspect` on it")

@@ -75,3 +75,24 @@ def test_glob_matches_what_the_standard_glob_finds_without_links(tmp_path, monke
         assert glob_paths(pattern) == standard, pattern
     assert glob_paths(os.path.join(str(tmp_path), "**", "*.pt")) == sorted(
         glob.glob(os.path.join(str(tmp_path), "**", "*.pt"), recursive=True))
+
+
+def test_layer_accepts_the_stored_and_the_stripped_name(make_ckpt, cli):
+    from collections import OrderedDict
+
+    sd = OrderedDict()
+    for name in ("bn1", "layer1.0.bn1", "layer1.0.bn2"):
+        sd.update({f"module.{k}": v for k, v in bn_state(4, prefix=name).items()})
+    path = make_ckpt({"state_dict": sd})
+    stripped = cli("inspect", path, "--layer", "bn1", "--format", "json")
+    stored = cli("inspect", path, "--layer", "module.bn1", "--format", "json")
+    assert stripped.exit_code == stored.exit_code == 0
+    assert json.loads(stored.stdout)["files"][0]["layers"][0]["name"] == "bn1"
+    assert stored.stdout == stripped.stdout
+    missing = cli("inspect", path, "--layer", "module.bn3")
+    assert missing.exit_code == 2 and missing.stdout == ""  # the user's argument: one line, exit 2
+    assert missing.stderr == f"error: {path}: no BatchNorm layer named 'module.bn3'; nearest: bn1\n"
+    near = cli("inspect", path, "--layer", "0.bn1")
+    assert near.stderr.endswith("nearest: layer1.0.bn1, bn1, layer1.0.bn2\n")  # a dotted suffix first
+    diff = cli("diff", path, path, "--layer", "module.layer1.0.bn2")
+    assert diff.exit_code == 0 and "layer layer1.0.bn2, channel by channel" in diff.stdout
