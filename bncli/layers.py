@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -49,18 +50,35 @@ class BNLayer:
         return int(self.running_var.shape[0]) if self.running_var.ndim else 1
 
 
+# Formats whose key order is not the model's: safetensors sorts its keys as strings ("1, 10, 4, 7").
+UNORDERED_FORMATS = ("safetensors",)
+
+
 def find_layers(keys: Iterable[str]) -> list[LayerKeys]:
-    """Group keys into BatchNorm layers, in the order their first key appears in the file."""
+    """Group keys into BatchNorm layers, in the order their first key appears in the file; for a file that does
+    not keep module order (a Checkpoint of a format in UNORDERED_FORMATS), in natural order (`blocks.2` before
+    `blocks.10`)."""
     groups: dict[str, dict[str, str]] = {}
     for key in keys:
         prefix, _, leaf = key.rpartition(".")
         if leaf in BUFFERS:
             groups.setdefault(prefix or ROOT, {})[leaf] = key
-    return [
+    layers = [
         LayerKeys(name=name, **found)
         for name, found in groups.items()
         if "running_mean" in found and "running_var" in found
     ]
+    if getattr(getattr(keys, "provenance", None), "format", None) in UNORDERED_FORMATS:
+        layers.sort(key=lambda layer: natural_key(layer.name))
+    return layers
+
+
+_NUMBER = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key comparing the numeric parts of a name as numbers: blocks.2 < blocks.10 < blocks.10a."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in _NUMBER.split(name) if part)
 
 
 class UnknownLayer(UsageError):

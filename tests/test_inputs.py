@@ -96,3 +96,24 @@ def test_layer_accepts_the_stored_and_the_stripped_name(make_ckpt, cli):
     assert near.stderr.endswith("nearest: layer1.0.bn1, bn1, layer1.0.bn2\n")  # a dotted suffix first
     diff = cli("diff", path, path, "--layer", "module.layer1.0.bn2")
     assert diff.exit_code == 0 and "layer layer1.0.bn2, channel by channel" in diff.stdout
+
+
+def test_safetensors_layers_come_in_natural_order(tmp_path, cli):
+    from safetensors.torch import save_file
+
+    from bncli.layers import natural_key
+
+    sd = {}
+    for i in (1, 4, 7, 10, 13):
+        sd.update(bn_state(3, prefix=f"features.{i}", seed=i))
+    path = tmp_path / "nat.safetensors"
+    save_file(sd, str(path))  # safetensors stores the keys sorted as strings: 1, 10, 13, 4, 7
+    want = ["features.1", "features.4", "features.7", "features.10", "features.13"]
+    for fmt in ("json",):
+        names = [x["name"] for x in json.loads(cli("inspect", path, "--format", fmt).stdout)["files"][0]["layers"]]
+        assert names == want
+    table = cli("inspect", path).stdout
+    assert [line.split(" ")[0] for line in table.splitlines() if line.startswith("features.")] == want
+    diff = json.loads(cli("diff", path, path, "--format", "json").stdout)
+    assert [x["name"] for x in diff["layers"]] == want
+    assert sorted(["b.10", "b.2", "a", "b.2a", "b.1.x"], key=natural_key) == ["a", "b.1.x", "b.2", "b.2a", "b.10"]
