@@ -13,6 +13,7 @@ from typing import Any
 from bncli.budget import MAX_HEADER_BYTES as MAX_SAFETENSORS_HEADER
 from bncli.budget import human, max_load_bytes  # noqa: F401 - re-exported for the readers
 from bncli.errors import InputError, first_line
+from bncli.formats.zipdir import TorchZip, ZipRecord, read_zip_directory  # noqa: F401 - re-exported
 
 # safetensors dtype codes -> (the name torch uses, bytes per element); bncli reports the torch name.
 SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
@@ -43,84 +44,18 @@ def show(path: str | os.PathLike) -> str:
 # --------------------------------------------------------------------------- torch zip archives
 
 
-@dataclass(frozen=True)
-class ZipRecord:
-    """One stored entry of a torch zip archive: its bytes are file[data_offset : data_offset + size]."""
-
-    name: str  # full name inside the archive, e.g. "model/data/0"
-    header_offset: int
-    data_offset: int
-    size: int
-    crc: int
-
-
-@dataclass(frozen=True)
-class TorchZip:
-    """A torch zip archive that passed check_torch_zip; `root` is the folder every record sits in."""
-
-    root: str
-    records: dict[str, ZipRecord]  # by name without the root folder: "data.pkl", "data/0", ...
-
-    def storage(self, key: str) -> ZipRecord | None:
-        return self.records.get(f"data/{key}")
-
-
 def check_torch_zip(path: Path, *, verify_crc: bool = True) -> TorchZip:
     """Check a torch zip archive without inflating or mapping anything; raise InputError on the first problem.
 
-    Every record must be stored uncompressed (as torch writes them), start with a valid local header, lie inside
-    the file without overlapping another, and (with verify_crc) match its CRC-32, so that a mapped tensor can never
-    read bytes that belong elsewhere. The pickle (data.pkl) must fit the in-memory cap.
+    The directory is read with torch's rules (bncli/formats/zipdir.py): every record stored uncompressed, as torch
+    writes them, at the data offset torch's own reader reports, inside the file, without overlap, prefix, gap or a
+    local header that disagrees, so that bncli and torch.load see the same archive; with verify_crc, every record
+    must also match its CRC-32, so that a mapped tensor can never read damaged bytes. The pickle (data.pkl) must fit
+    the in-memory cap.
     """
-    import zipfile
-
+    archive = read_zip_directory(path)
     p = show(path)
-    size = path.stat().st_size
-    try:
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-            cd_start = zf.start_dir
-    except Exception as exc:  # noqa: BLE001 - zipfile raises many types (even NotImplementedError) on damage
-        raise InputError(f"{p}: corrupt zip archive ({first_line(exc)})") from None
-    if not infos:
-        raise InputError(f"{p}: empty zip archive")
-    root = infos[0].filename.split("/", 1)[0]
-    records: dict[str, ZipRecord] = {}
-    spans: list[tuple[int, int, str]] = []
-    with path.open("rb") as fh:
-        for info in infos:
-            name = info.filename
-            if not name.startswith(root + "/"):
-                raise InputError(f"{p}: corrupt torch archive: record {name!r} is outside the folder {root!r}")
-            short = name[len(root) + 1 :]
-            if short in records:
-                raise InputError(f"{p}: corrupt torch archive: two records named {name!r}")
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise InputError(
-                    f"{p}: record {name!r} is compressed; torch stores records uncompressed, "
-                    "so this archive was not written by torch.save (or was re-zipped)"
-                )
-            if info.file_size != info.compress_size:
-                raise InputError(f"{p}: corrupt zip archive: record {name!r} declares two different sizes")
-            fh.seek(info.header_offset)
-            local = fh.read(30)
-            if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                raise InputError(f"{p}: corrupt zip archive: no local header for record {name!r} at offset {info.header_offset}")
-            name_len, extra_len = struct.unpack("<HH", local[26:30])
-            data_offset = info.header_offset + 30 + name_len + extra_len
-            end = data_offset + info.compress_size
-            if end > cd_start or end > size:
-                raise InputError(
-                    f"{p}: truncated or corrupt: record {name!r} declares {human(info.compress_size)} "
-                    f"but the file has only {human(size)}"
-                )
-            records[short] = ZipRecord(name, info.header_offset, data_offset, info.compress_size, info.CRC)
-            spans.append((info.header_offset, end, name))
-    spans.sort()
-    for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
-        if start < end:
-            raise InputError(f"{p}: corrupt zip archive: records {a!r} and {b!r} overlap")
-    pkl = records.get("data.pkl")
+    pkl = archive.records.get("data.pkl")
     if pkl is None:
         raise InputError(f"{p}: not a checkpoint bncli can read (looks like: zip archive without data.pkl)")
     cap = max_load_bytes()
@@ -128,9 +63,9 @@ def check_torch_zip(path: Path, *, verify_crc: bool = True) -> TorchZip:
         raise InputError(f"{p}: its pickle (data.pkl) is {human(pkl.size)}, above the {human(cap)} limit (BNCLI_MAX_LOAD_BYTES)")
     if verify_crc:
         with path.open("rb") as fh:
-            for record in records.values():
+            for record in archive.records.values():
                 verify_record_crc(path, record, fh)
-    return TorchZip(root, records)
+    return archive
 
 
 def verify_record_crc(path: Path, record: ZipRecord, fh=None) -> None:
@@ -161,149 +96,6 @@ def read_record(path: Path, record: ZipRecord) -> bytes:
     with path.open("rb") as fh:
         fh.seek(record.data_offset)
         return fh.read(record.size)
-
-
-# --------------------------------------------------------------------------- pickled storages
-
-
-@dataclass(frozen=True)
-class Storage:
-    key: str
-    dtype: str
-    nbytes: int
-
-
-def declared_storages(fh) -> dict[str, Storage]:
-    """Unpickle a torch pickle with torch's weights-only unpickler, storages on the meta device (no data, no memory).
-
-    Returns every storage the pickle refers to, so that their sizes can be checked against the file before torch
-    allocates them (legacy files are read whole). Raises pickle.UnpicklingError for anything weights_only refuses.
-    """
-    import torch
-    from torch import _utils
-    from torch import _weights_only_unpickler as wo
-
-    found: dict[str, Storage] = {}
-
-    def persistent_load(saved_id):
-        if not isinstance(saved_id, tuple) or not saved_id or saved_id[0] not in ("storage", b"storage"):
-            raise RuntimeError(f"unexpected persistent id {str(saved_id)[:80]}")
-        storage_type, key, _location, numel = saved_id[1:5]
-        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
-        if not isinstance(numel, int) or numel < 0:
-            raise RuntimeError(f"storage {key} declares {numel!r} elements")
-        nbytes = numel * _utils._element_size(dtype)
-        key = key.decode("ascii") if isinstance(key, bytes) else str(key)
-        if key in found and found[key].nbytes != nbytes:
-            raise RuntimeError(f"storage {key} is declared with two sizes")
-        found[key] = Storage(key, str(dtype).removeprefix("torch."), nbytes)
-        meta = torch.UntypedStorage(nbytes, device="meta")
-        return torch.storage.TypedStorage(wrap_storage=meta, dtype=dtype, _internal=True)
-
-    pending = len(_utils._sparse_tensors_to_validate)
-    unpickler = wo.Unpickler(fh, encoding="utf-8")
-    unpickler.persistent_load = persistent_load
-    try:
-        unpickler.load()
-    finally:
-        # Sparse tensors queue themselves for validation by the next torch.load; these meta ones must not.
-        del _utils._sparse_tensors_to_validate[pending:]
-    return found
-
-
-class Unverifiable(Exception):
-    """A loaded tensor whose storage cannot be traced to a record (sparse, quantized...): load it unmapped instead."""
-
-
-def check_mapped_storages(obj: Any, path: Path, archive: TorchZip) -> None:
-    """After torch.load(mmap=True): every tensor's storage must be exactly one record, at its offset and of its size.
-
-    torch takes each mapped storage's length from the pickle without comparing it with the record, so a pickle that
-    declares more would read the bytes of other records (or past them). Checked here, before any value is read:
-    cheap (no second unpickling), and a mismatch is an error. Raises Unverifiable for tensors it cannot trace.
-    """
-    import torch
-
-    storages: dict[int, set[int]] = {}  # data pointer -> declared lengths
-    seen: set[int] = set()
-    stack = [obj]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, torch.Tensor):
-            if x.layout != torch.strided or x.is_quantized or x.device.type != "cpu":
-                raise Unverifiable(type(x).__name__)
-            storage = x.untyped_storage()
-            if storage.nbytes():
-                storages.setdefault(storage.data_ptr(), set()).add(storage.nbytes())
-        elif isinstance(x, (dict, list, tuple, set, frozenset)) and id(x) not in seen:
-            seen.add(id(x))  # pickles can build cycles
-            stack.extend(x.values() if isinstance(x, dict) else x)
-    if not storages:
-        return
-    by_offset = {r.data_offset: r for name, r in archive.records.items() if name.startswith("data/") and r.size}
-    if not by_offset:
-        raise InputError(f"{show(path)}: corrupt torch archive: tensors but no data records")
-    base = min(storages) - min(by_offset)  # the mapping's address: the first storage is the first record
-    for ptr in sorted(storages):
-        record = by_offset.get(ptr - base)
-        for nbytes in storages[ptr]:
-            if record is None:
-                raise InputError(f"{show(path)}: corrupt torch archive: a tensor's storage does not start at any record")
-            if nbytes != record.size:
-                raise InputError(
-                    f"{show(path)}: corrupt torch archive: the pickle declares {human(nbytes)} for record "
-                    f"{record.name!r}, which holds {human(record.size)}"
-                )
-
-
-LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-
-
-def check_torch_legacy(path: Path) -> None:
-    """Walk a legacy (pre-1.6) torch file: magic number, pickles, then each storage's size and bytes, without loading data.
-
-    The declared storages must add up to the bytes that follow the pickles and fit the in-memory cap, since
-    torch reads legacy files entirely into memory.
-    """
-    from torch import _weights_only_unpickler as wo
-
-    p = show(path)
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        if wo.load(fh, encoding="utf-8") != LEGACY_MAGIC:
-            raise InputError(f"{p}: a Python pickle that torch.save did not write; bncli reads only torch checkpoints")
-        wo.load(fh, encoding="utf-8")  # protocol version
-        wo.load(fh, encoding="utf-8")  # sys info
-        storages = declared_storages(fh)
-        keys = wo.load(fh, encoding="utf-8")
-        if not isinstance(keys, list):
-            raise InputError(f"{p}: corrupt legacy torch file: no storage list after the pickle")
-        total = sum(s.nbytes for s in storages.values())
-        cap = max_load_bytes()
-        if total > cap:
-            raise InputError(f"{p}: declares {human(total)} of tensors, above the {human(cap)} limit (BNCLI_MAX_LOAD_BYTES)")
-        pos = fh.tell()
-        for key in keys:
-            s = storages.get(str(key))
-            if s is None:
-                raise InputError(f"{p}: corrupt legacy torch file: storage {key!r} is listed but never used")
-            fh.seek(pos)
-            head = fh.read(8)
-            if len(head) < 8:
-                raise InputError(f"{p}: truncated: storage {key!r} is missing (file ends at {human(size)})")
-            (count,) = struct.unpack("<q", head)
-            width = _element_size(s.dtype)
-            if count < 0 or count * width != s.nbytes:
-                raise InputError(f"{p}: corrupt legacy torch file: storage {key!r} declares two different sizes")
-            pos += 8 + s.nbytes
-            if pos > size:
-                raise InputError(f"{p}: truncated: storage {key!r} needs {human(s.nbytes)} beyond the end of the file")
-
-
-def _element_size(dtype: str) -> int:
-    import torch
-
-    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
 # --------------------------------------------------------------------------- safetensors

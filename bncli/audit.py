@@ -115,7 +115,8 @@ def inspect_file(
         keys = [select_layer(keys, layer, ckpt.provenance.path)]
     bns = [read_layer(ckpt, k) for k in keys]
     per_layer = [run_rules(bn, thresholds, selected) for bn in bns]
-    across = run_file_rules(bns, thresholds, selected, require_bn)  # BN014 names a layer: its flags show it
+    # BN014 names a layer: its flags show it; BN012 is about the file's pickle
+    across = run_file_rules(bns, thresholds, selected, require_bn, ckpt.provenance)
     layers = [
         summarize_layer(bn, found + [f for f in across if f.layer == bn.name], per_channel=layer is not None)
         for bn, found in zip(bns, per_layer, strict=True)
@@ -169,9 +170,15 @@ def channel_profile(values, log_scale: bool = False, width: int = PROFILE_WIDTH)
     picked = []
     for i in range(width):
         lo, hi = i * n // width, (i + 1) * n // width
-        bucket = points[lo:hi]
-        invalid = np.isnan(bucket)
-        at = int(np.argmax(invalid)) if invalid.any() else int(np.argmax(np.abs(bucket - median)))
+        bucket, raw = points[lo:hi], values[lo:hi]
+        zero = (raw == 0) if log_scale else np.zeros(raw.shape, dtype=bool)
+        invalid = np.isnan(bucket) & ~zero  # NaN, Inf, a negative variance: shown before an exact 0
+        if invalid.any():
+            at = int(np.argmax(invalid))
+        elif zero.any():
+            at = int(np.argmax(zero))
+        else:
+            at = int(np.argmax(np.abs(bucket - median)))
         picked.append(float(values[lo + at]))
     return tuple(picked)
 
