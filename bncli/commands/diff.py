@@ -81,7 +81,7 @@ def run(
     --only/--exclude pick layers by name (globs); --atol/--rtol let float noise count as identical;
     --state-a/--state-b compare two state dicts of one file (the model and its EMA).
     """
-    from bncli.console import emit, note
+    from bncli.console import emit, note, warn
     from bncli.diff import FAIL_IF_UNCHANGED, FAIL_ON_CHANGE, diff_files
     from bncli.render import renderer_for
 
@@ -97,6 +97,11 @@ def run(
         a, b, layer=layer, eps=eps, state=state, state_a=state_a, state_b=state_b, strip_prefix_a=strip_prefix_a,
         strip_prefix_b=strip_prefix_b, only=only or (), exclude=exclude or (), atol=atol, rtol=rtol, gate=gate,
     )  # fmt: skip
+    from bncli.render.diff import prefix_hint
+
+    hint = prefix_hint(report)
+    if hint:
+        warn(hint)
     emit(render(report), wide=wide)
     code = exit_code(report)
     if code:

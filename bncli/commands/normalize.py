@@ -64,7 +64,10 @@ def run(
         Optional[Path],
         typer.Option("--output", "-o", help="Write the normalized tensor here (.pt or .safetensors), in the input's layout."),
     ] = None,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.TABLE,
+    fmt: Annotated[
+        # --help offers only what normalize writes; markdown or github get renderer_for's "not available" line
+        Format, typer.Option("--format", "-f", metavar="<table|json>", help="Output format.")
+    ] = Format.TABLE,
     wide: Annotated[
         bool, typer.Option("--wide", help="Tables with every column, however narrow the terminal (lines may be longer).")
     ] = False,
