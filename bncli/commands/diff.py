@@ -67,6 +67,9 @@ def run(
     strip_prefix_b: Annotated[
         Optional[str], typer.Option("--strip-prefix-b", help="The same for B only: diff model.pt lightning.ckpt --strip-prefix-b model.")
     ] = None,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Tables with every column, however narrow the terminal (lines may be longer).")
+    ] = False,
 ) -> None:
     """Compare the BatchNorm layers of two checkpoints, matched by name after stripping 'module.'/'_orig_mod.'.
 
@@ -94,7 +97,7 @@ def run(
         a, b, layer=layer, eps=eps, state=state, state_a=state_a, state_b=state_b, strip_prefix_a=strip_prefix_a,
         strip_prefix_b=strip_prefix_b, only=only or (), exclude=exclude or (), atol=atol, rtol=rtol, gate=gate,
     )  # fmt: skip
-    emit(render(report))
+    emit(render(report), wide=wide)
     code = exit_code(report)
     if code:
         from bncli.render.diff import gate_message

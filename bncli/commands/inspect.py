@@ -93,6 +93,9 @@ def run(
         Optional[str],
         typer.Option("--strip-prefix", help="Remove a prefix every key shares, e.g. 'model.' in a Lightning checkpoint."),
     ] = None,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Tables with every column, however narrow the terminal (lines may be longer).")
+    ] = False,
 ) -> None:
     """Audit the running statistics and affine parameters of every BatchNorm layer in checkpoints.
 
@@ -128,7 +131,7 @@ def run(
     )
     for file in report.unreadable:
         error_line(file.error or "")  # the audit goes on with the other inputs
-    emit(render(report))
+    emit(render(report), wide=wide)
     code = exit_code(report, settings.fail_on)
     if code:
         raise typer.Exit(code)

@@ -65,6 +65,9 @@ def run(
         typer.Option("--output", "-o", help="Write the normalized tensor here (.pt or .safetensors), in the input's layout."),
     ] = None,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.TABLE,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Tables with every column, however narrow the terminal (lines may be longer).")
+    ] = False,
 ) -> None:
     """Apply BatchNorm2d to a tensor in train or eval mode; print per-channel mean/std before and after.
 
@@ -93,4 +96,4 @@ def run(
     )
     for message in report.warnings:
         warn(message)
-    emit(render(report))
+    emit(render(report), wide=wide)

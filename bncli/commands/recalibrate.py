@@ -86,6 +86,9 @@ def run(
         ),
     ] = None,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format of the before/after table.")] = Format.TABLE,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Tables with every column, however narrow the terminal (lines may be longer).")
+    ] = False,
 ) -> None:
     """Re-estimate every BatchNorm layer's running_mean and running_var from calibration data, exactly.
 
@@ -114,4 +117,4 @@ def run(
         warn=warn,
     )
     if report is not None:
-        emit(renderer_for(fmt, "recalibrate")(report))
+        emit(renderer_for(fmt, "recalibrate")(report), wide=wide)
