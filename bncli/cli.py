@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from bncli import __version__
+from bncli.clistyle import BncliCommand, BncliGroup, Debug
 from bncli.errors import BncliError, ExitCode, OutputError, first_line
 
 app = typer.Typer(
@@ -18,14 +19,12 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    # Rich's boxed help for people at a terminal; Click's plain help when piped, which skips importing Rich's
-    # Markdown and Pygments (about 2x the cost of `import typer`): scripts and CI logs get the same text, faster.
-    rich_markup_mode="rich" if sys.stdout.isatty() else None,
+    # Click's help layout everywhere (bncli/clistyle.py): one style at a terminal and in a CI log, and it skips
+    # importing Rich's Markdown and Pygments (about 2x the cost of `import typer`).
+    rich_markup_mode=None,
+    cls=BncliGroup,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-_debug = False
-
 
 def stderr_console():
     from rich.console import Console
@@ -65,7 +64,7 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 
 def _internal(exc: BaseException) -> typer.Exit:
-    if _debug:
+    if Debug.on:
         stderr_console().print_exception()
     detail = first_line(exc)
     message = f"internal error: {type(exc).__name__}{': ' + detail if detail != type(exc).__name__ else ''} (rerun with --debug for the traceback)"
@@ -82,7 +81,7 @@ def guarded(command):
         except (typer.Exit, typer.Abort, typer.BadParameter):
             raise
         except BncliError as exc:
-            if _debug:
+            if Debug.on:
                 stderr_console().print_exception()
             raise _fail(exc.message, exc.exit_code) from None
         except KeyboardInterrupt:
@@ -120,15 +119,16 @@ def main_options(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
-    debug: Annotated[bool, typer.Option("--debug", envvar="BNCLI_DEBUG", help="Show the traceback of an error.")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", envvar="BNCLI_DEBUG", help="Show the traceback of an error (anywhere on the line).")
+    ] = False,
 ) -> None:
     """Audit and apply BatchNorm layers from PyTorch checkpoints, without the model's code.
 
     Exit codes: 0 ok, 1 findings at or above --fail-on, 2 usage error, 3 input error
     (missing, corrupt, unsafe or unsupported file; bad shape or dtype), 4 internal error, 130 interrupted.
     """
-    global _debug
-    _debug = debug
+    Debug.on = Debug.on or debug  # --debug after the command was taken off the line by BncliGroup
 
 
 def _register() -> None:
@@ -136,7 +136,7 @@ def _register() -> None:
     from bncli.commands import diff, inspect, normalize, recalibrate, rules
 
     for module in (inspect, normalize, diff, recalibrate, rules):
-        app.command(**module.COMMAND)(guarded(module.run))
+        app.command(cls=BncliCommand, **module.COMMAND)(guarded(module.run))
 
 
 _register()

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bncli.commands.options import check_eps
+from bncli.commands.options import check_eps, format_option
 from bncli.errors import ExitCode, UsageError
 from bncli.render import Format
 
@@ -31,7 +31,7 @@ def run(
     a: Annotated[Path, typer.Argument(help="The reference checkpoint (A).", show_default=False)],
     b: Annotated[Path, typer.Argument(help="The checkpoint compared with it (B).", show_default=False)],
     layer: Annotated[Optional[str], typer.Option("--layer", "-l", help="Compare one layer, channel by channel.")] = None,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.TABLE,
+    fmt: Annotated[Format, format_option("diff")] = Format.TABLE,
     fail_on_change: Annotated[
         bool, typer.Option("--fail-on-change", help="Exit 1 if any BatchNorm layer differs (frozen BatchNorm must stay frozen).")
     ] = False,

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from bncli.commands.options import format_option
 from bncli.errors import ExitCode
 from bncli.render import Format
 from bncli.report import InspectReport, Severity
@@ -38,8 +39,9 @@ def exit_code(report: InspectReport, fail_on: FailOn | str) -> ExitCode:
     return ExitCode.FINDINGS if worst.rank >= Severity(fail_on.value).rank else ExitCode.OK
 
 
-def _threshold(name: str, help: str):
-    return typer.Option(name, help=help, metavar="FLOAT", show_default=False, rich_help_panel="Thresholds")
+def _threshold(name: str, help: str, default: str):
+    # The default is shown, not set: None lets [tool.bncli] fill in what the command line leaves out.
+    return typer.Option(name, help=help, metavar="FLOAT", show_default=default, rich_help_panel="Thresholds")
 
 
 def run(
@@ -54,11 +56,11 @@ def run(
     ],
     layer: Annotated[Optional[str], typer.Option("--layer", "-l", help="Show one layer, channel by channel.")] = None,
     fmt: Annotated[
-        Optional[Format], typer.Option("--format", "-f", help="Output format. (default: table)", show_default=False)
+        Optional[Format], format_option("inspect", default="table")
     ] = None,
     fail_on: Annotated[
         Optional[FailOn],
-        typer.Option("--fail-on", help="Exit 1 on a finding of at least this severity. (default: error)", show_default=False),
+        typer.Option("--fail-on", help="Exit 1 on a finding of at least this severity.", show_default="error"),
     ] = None,
     select: Annotated[
         Optional[list[str]],
@@ -70,20 +72,20 @@ def run(
     ] = None,
     require_bn: Annotated[
         Optional[bool],
-        typer.Option("--require-bn/--no-require-bn", help="A file without any BatchNorm layer is an error (BN011)."),
+        typer.Option("--require-bn/--no-require-bn", help="A file without any BatchNorm layer is an error (BN011).", show_default="no-require-bn"),
     ] = None,
-    eps: Annotated[Optional[float], _threshold("--eps", "The layers' eps in 1/sqrt(var + eps). (default: 1e-5)")] = None,
-    min_var: Annotated[Optional[float], _threshold("--min-var", "BN004: collapsed below this. (default: eps)")] = None,
-    max_var: Annotated[Optional[float], _threshold("--max-var", "BN008: running_var above. (default: 1e4)")] = None,
+    eps: Annotated[Optional[float], _threshold("--eps", "The layers' eps in 1/sqrt(var + eps).", "1e-5")] = None,
+    min_var: Annotated[Optional[float], _threshold("--min-var", "BN004: running_var below this is collapsed.", "eps")] = None,
+    max_var: Annotated[Optional[float], _threshold("--max-var", "BN008: running_var above this is exploding.", "1e4")] = None,
     max_mean: Annotated[
-        Optional[float], _threshold("--max-mean", "BN008: |running_mean| above this is exploding. (default: 100)")
+        Optional[float], _threshold("--max-mean", "BN008: |running_mean| above this is exploding.", "100")
     ] = None,
     dead_weight: Annotated[
-        Optional[float], _threshold("--dead-weight", "BN005: |weight| below this is a dead channel. (default: 1e-3)")
+        Optional[float], _threshold("--dead-weight", "BN005: |weight| below this is a dead channel.", "1e-3")
     ] = None,
     state: Annotated[
         Optional[str],
-        typer.Option("--state", help="Key of the state dict inside the checkpoint, e.g. 'ema' (default: found automatically)."),
+        typer.Option("--state", help="Key of the state dict inside the checkpoint, e.g. 'ema'.", show_default="found automatically"),
     ] = None,
     strip_prefix: Annotated[
         Optional[str],

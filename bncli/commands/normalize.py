@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bncli.commands.options import check_eps
+from bncli.commands.options import check_eps, format_option
 from bncli.render import Format
 
 COMMAND = {
@@ -37,7 +37,7 @@ def parse_momentum(value: str | float | None) -> float | None:
 
 def run(
     input: Annotated[
-        Path, typer.Argument(help="Tensor file (N, C, H, W): .pt/.pth, .safetensors, .npy or .npz.", show_default=False)
+        Path, typer.Argument(help="Tensor file (N, C, H, W): .pt/.pth, .safetensors, .npy or .npz.", show_default=False, metavar="TENSOR")
     ],
     mode: Annotated[
         Mode,
@@ -64,7 +64,7 @@ def run(
         Optional[Path],
         typer.Option("--output", "-o", help="Write the normalized tensor here (.pt or .safetensors), in the input's layout."),
     ] = None,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.TABLE,
+    fmt: Annotated[Format, format_option("normalize")] = Format.TABLE,
 ) -> None:
     """Apply BatchNorm2d to a tensor in train or eval mode; print per-channel mean/std before and after.
 

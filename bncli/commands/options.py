@@ -9,3 +9,12 @@ def check_eps(value: float) -> float:
     if not value > 0:
         raise typer.BadParameter("eps must be greater than 0")
     return value
+
+
+def format_option(command: str, help: str = "Output format.", default: str | None = None):
+    """--format/-f with only the formats this command can write in its help (`[table|json]` for normalize)."""
+    from bncli.render import RENDERERS, Format
+
+    offered = "|".join(f.value for f in Format if (command, f) in RENDERERS)
+    extra = {"show_default": default} if default is not None else {}
+    return typer.Option("--format", "-f", help=help, metavar=f"[{offered}]", **extra)

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from bncli.commands.options import format_option
 from bncli.render import Format
 
 COMMAND = {
@@ -85,7 +86,7 @@ def run(
             "the output keeps it.",
         ),
     ] = None,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format of the before/after table.")] = Format.TABLE,
+    fmt: Annotated[Format, format_option("recalibrate", help="Output format of the before/after table.")] = Format.TABLE,
 ) -> None:
     """Re-estimate every BatchNorm layer's running_mean and running_var from calibration data, exactly.
 

@@ -23,7 +23,7 @@ def run(
     rule: Annotated[
         Optional[str],
         typer.Argument(help="A rule id or name (BN004, collapsed-variance); all rules when omitted.", show_default=False,
-                       metavar="[RULE]"),
+                       metavar="RULE"),
     ] = None,
     fmt: Annotated[RulesFormat, typer.Option("--format", "-f", help="Output format.")] = RulesFormat.TABLE,
 ) -> None:
