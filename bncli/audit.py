@@ -113,14 +113,14 @@ def inspect_file(
     keys = find_layers(ckpt)
     if layer is not None:
         keys = [select_layer(keys, layer, ckpt.provenance.path)]
-    layers, findings, bns = [], [], []
-    for k in keys:
-        bn = read_layer(ckpt, k)
-        bns.append(bn)
-        found = run_rules(bn, thresholds, selected)
-        findings.extend(found)
-        layers.append(summarize_layer(bn, found, per_channel=layer is not None))
-    findings.extend(run_file_rules(bns, thresholds, selected, require_bn))
+    bns = [read_layer(ckpt, k) for k in keys]
+    per_layer = [run_rules(bn, thresholds, selected) for bn in bns]
+    across = run_file_rules(bns, thresholds, selected, require_bn)  # BN014 names a layer: its flags show it
+    layers = [
+        summarize_layer(bn, found + [f for f in across if f.layer == bn.name], per_channel=layer is not None)
+        for bn, found in zip(bns, per_layer, strict=True)
+    ]
+    findings = [f for found in per_layer for f in found] + across
     prov = ckpt.provenance
     return FileReport(
         prov.path, prov.format, prov.container, prov.prefix, tuple(layers), tuple(findings), alternatives=prov.alternatives

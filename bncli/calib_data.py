@@ -51,6 +51,11 @@ def discover(paths: list[str | os.PathLike], key: str | None = None) -> list[Sou
         del tensor_like
         if len(shape) < 2:
             raise ShapeError(f"{path}: data has shape {shape}; expected a batch (N, C, ...), e.g. (N, C, H, W)")
+        if 0 in shape[1:]:  # N = 0 is a file with no samples, said once for all the files; a sample of no values is not
+            raise ShapeError(
+                f"{path}: the samples are empty (shape {shape}, a dimension of size 0); BatchNorm needs at least one "
+                "value per channel"
+            )
         if not dtype.startswith(("float", "bfloat")):
             raise InputError(
                 f"{path}: data has dtype {dtype}; recalibrate feeds tensors to the model as they are: "

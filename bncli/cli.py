@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import functools
-import os
-import sys
 from typing import Annotated
 
 import typer
 
 from bncli import __version__
 from bncli.clistyle import BncliCommand, BncliGroup, Debug
-from bncli.errors import BncliError, ExitCode, OutputError, first_line
+from bncli.console import StreamError, error_line, standard_streams, write_stderr
+from bncli.errors import BncliError, ExitCode, Terminated, internal_message
 
 app = typer.Typer(
     name="bncli",
@@ -26,49 +25,29 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-def stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-def stdout_console():
-    from rich.console import Console
-
-    # Piped into a file or a CI log there is no terminal width to honour: use a wide one rather than 80,
-    # so tables keep one line per row. COLUMNS, when set, wins (tests pin it).
-    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
-    return Console(highlight=False, width=160 if wide else None)
-
-
-def warn(message: str) -> None:
-    from rich.text import Text
-
-    line = Text("warning: ", style="yellow")
-    line.append(message)
-    stderr_console().print(line)
-
-
-def error_line(message: str) -> None:
-    """One `error: ...` line on stderr."""
-    from rich.text import Text
-
-    line = Text("error: ", style="bold red")
-    line.append(message)  # a Text, not markup: file names may contain [brackets]
-    stderr_console().print(line)
-
-
 def _fail(message: str, code: int) -> typer.Exit:
-    error_line(message)
+    """One `error:` line and the exit code; when stderr itself cannot be written, no line and exit 3 (or the
+    interrupt's own code)."""
+    try:
+        error_line(message)
+    except StreamError:
+        return typer.Exit(int(code) if code > ExitCode.INPUT else int(ExitCode.INPUT))
     return typer.Exit(int(code))
+
+
+def _traceback() -> None:
+    import traceback
+
+    try:
+        write_stderr(traceback.format_exc())
+    except StreamError:
+        pass
 
 
 def _internal(exc: BaseException) -> typer.Exit:
     if Debug.on:
-        stderr_console().print_exception()
-    detail = first_line(exc)
-    message = f"internal error: {type(exc).__name__}{': ' + detail if detail != type(exc).__name__ else ''} (rerun with --debug for the traceback)"
-    return _fail(message, ExitCode.INTERNAL)
+        _traceback()
+    return _fail(internal_message(exc), ExitCode.INTERNAL)
 
 
 def guarded(command):
@@ -80,32 +59,24 @@ def guarded(command):
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.BadParameter):
             raise
+        except StreamError as exc:
+            if exc.stream == "stderr":  # nowhere to say it
+                raise typer.Exit(int(ExitCode.INPUT)) from None
+            raise _fail(exc.message, exc.exit_code) from None
         except BncliError as exc:
             if Debug.on:
-                stderr_console().print_exception()
+                _traceback()
+            if exc.quiet:
+                raise typer.Exit(int(exc.exit_code)) from None
             raise _fail(exc.message, exc.exit_code) from None
+        except Terminated as exc:
+            raise _fail(f"terminated ({exc.signal_name})", exc.exit_code) from None
         except KeyboardInterrupt:
             raise _fail("interrupted", ExitCode.INTERRUPTED) from None
         except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
             raise _internal(exc) from None
 
     return wrapper
-
-
-def emit(rendered) -> None:
-    """Print a rendered report on stdout: strings as they are (JSON never goes through Rich), renderables via Rich."""
-    try:
-        if isinstance(rendered, str):
-            sys.stdout.write(rendered + "\n")
-        else:
-            stdout_console().print(rendered)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # The reader left (`bncli inspect ... | head`): not an error. Point stdout at /dev/null so that the
-        # interpreter's final flush does not complain; the exit code stays the command's own.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except OSError as exc:
-        raise OutputError(f"cannot write the report to stdout ({exc.strerror or exc})") from None
 
 
 def _version(value: bool) -> None:
@@ -143,7 +114,14 @@ _register()
 
 
 def main() -> None:
+    closed = standard_streams()
+    if "stdout" in closed:
+        # `bncli ... >&-`: nobody would see the report, and an exit code alone would claim it was read.
+        raise SystemExit(_fail("stdout is closed: nothing can receive the report (redirect it to /dev/null "
+                               "to discard it)", ExitCode.INPUT).exit_code)
     try:
         app()
+    except StreamError as exc:  # Click's own output (a usage error, --help) could not be written
+        raise SystemExit(int(ExitCode.INPUT) if exc.stream == "stderr" else _fail(exc.message, exc.exit_code).exit_code) from None
     except Exception as exc:  # noqa: BLE001 - raised outside a command (an option callback): still one line
         raise SystemExit(_internal(exc).exit_code) from None

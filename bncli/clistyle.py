@@ -336,6 +336,7 @@ def _usage_error(exc) -> int:
         message = message[0].lower() + message[1:]
     ctx = getattr(exc, "ctx", None)
     hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-    sys.stderr.write(f"error: {message}{hint}\n")
-    sys.stderr.flush()
+    from bncli.console import error_line  # escapes what came from the command line for the terminal
+
+    error_line(message + hint)
     return exc.exit_code

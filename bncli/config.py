@@ -22,9 +22,10 @@ KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "max-var": ((int, float), "a number > 0"),
     "max-mean": ((int, float), "a number > 0"),
     "dead-weight": ((int, float), "a number >= 0"),
+    "max-fold-spread": ((int, float), "a number > 0"),
 }
 FAIL_ON = ("error", "warning", "info", "never")
-_POSITIVE = {"eps", "max-var", "max-mean"}
+_POSITIVE = {"eps", "max-var", "max-mean", "max-fold-spread"}
 
 
 class ConfigError(UsageError):
@@ -130,7 +131,7 @@ def resolve_inspect(options: dict[str, Any], config: Config) -> InspectSettings:
 
     numbers = {}
     defaults = Thresholds()
-    for name in ("eps", "min-var", "max-var", "max-mean", "dead-weight"):
+    for name in ("eps", "min-var", "max-var", "max-mean", "dead-weight", "max-fold-spread"):
         attr = name.replace("-", "_")
         value, source = pick(name, getattr(defaults, attr))
         if value is not None:

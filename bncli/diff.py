@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from bncli.errors import InputError, UsageError
 
 if TYPE_CHECKING:
     from bncli.layers import BNLayer
@@ -12,6 +16,8 @@ if TYPE_CHECKING:
 IDENTICAL = "identical"
 CHANGED = "changed"
 SHAPE_CHANGED = "shape-changed"
+FAIL_ON_CHANGE = "fail-on-change"
+FAIL_IF_UNCHANGED = "fail-if-unchanged"
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,29 @@ class DiffReport:
     only_b: tuple[str, ...]
     prefix_a: str | None = None
     prefix_b: str | None = None
+    atol: float = 0.0  # |B - A| <= atol + rtol * |A| counts as equal (0, 0: every value exactly equal)
+    rtol: float = 0.0
+    gate: str | None = None  # FAIL_ON_CHANGE, FAIL_IF_UNCHANGED or None: the expectation the exit status checks
+    container_a: str | None = None  # where each state dict was found in its file, e.g. "model_ema"
+    container_b: str | None = None
+    state_a: str | None = None  # the --state/--state-a/--state-b key asked for, shown in the title
+    state_b: str | None = None
+
+    @property
+    def violations(self) -> tuple[str, ...]:
+        """The layers that violate the gate: changed ones for fail-on-change, identical ones for fail-if-unchanged."""
+        if self.gate == FAIL_ON_CHANGE:
+            return self.changed
+        if self.gate == FAIL_IF_UNCHANGED:
+            return self.unchanged
+        return ()
+
+    @property
+    def failed(self) -> bool:
+        """Whether the gate is violated; fail-if-unchanged also fails when no layer is in both files."""
+        if self.gate == FAIL_IF_UNCHANGED and not self.layers:
+            return True
+        return bool(self.violations)
 
     @property
     def changed(self) -> tuple[str, ...]:
@@ -78,6 +107,33 @@ class DiffReport:
         return tuple(x.name for x in self.layers if x.verdict == IDENTICAL)
 
 
+def check_tolerances(atol: float, rtol: float) -> None:
+    for name, value in (("--atol", atol), ("--rtol", rtol)):
+        if not (value >= 0 and value != float("inf")):  # NaN fails the first test
+            raise UsageError(f"{name} must be a finite number >= 0; got {value:g}")
+
+
+def layer_filter(only: Iterable[str] = (), exclude: Iterable[str] = ()):
+    """A predicate on layer names: matches one of `only` (when given) and none of `exclude` (fnmatch globs,
+    case-sensitive; `*` also matches dots, so 'backbone.*' is every layer under backbone)."""
+    only, exclude = tuple(only or ()), tuple(exclude or ())
+
+    def keep(name: str) -> bool:
+        if only and not any(fnmatch.fnmatchcase(name, pattern) for pattern in only):
+            return False
+        return not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
+
+    return keep
+
+
+def _check_patterns(option: str, patterns: Iterable[str], names: list[str], where: str) -> None:
+    """A pattern that matches no layer at all is a typo that would make a gate pass silently: an input error."""
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            raise InputError(f"{option} {pattern!r} matches no BatchNorm layer of {where}" + (f"; layers: {shown}" if names else ""))
+
+
 def diff_files(
     path_a: str | os.PathLike,
     path_b: str | os.PathLike,
@@ -87,15 +143,40 @@ def diff_files(
     state: str | None = None,
     strip_prefix_a: str | None = None,
     strip_prefix_b: str | None = None,
+    state_a: str | None = None,
+    state_b: str | None = None,
+    only: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    gate: str | None = None,
 ) -> DiffReport:
     """Load both checkpoints and compare their BatchNorm layers, matched by name after prefix stripping
-    (the wrapper prefixes always, and strip_prefix_a/_b, as load_checkpoint's strip_prefix, when given)."""
+    (the wrapper prefixes always, and strip_prefix_a/_b, as load_checkpoint's strip_prefix, when given).
+
+    `state` picks the state dict of both files, `state_a`/`state_b` of one (the model and its EMA in one file);
+    `only`/`exclude` keep the layers whose names match the globs; values within atol + rtol * |A| are equal."""
     from bncli.layers import find_layers, read_layer, select_layer
     from bncli.loading import load_checkpoint
 
-    ckpt_a = load_checkpoint(path_a, state=state, strip_prefix=strip_prefix_a)
-    ckpt_b = load_checkpoint(path_b, state=state, strip_prefix=strip_prefix_b)
+    check_tolerances(atol, rtol)
+    if gate not in (None, FAIL_ON_CHANGE, FAIL_IF_UNCHANGED):
+        raise UsageError(f"unknown gate {gate!r}; use {FAIL_ON_CHANGE!r} or {FAIL_IF_UNCHANGED!r}")
+    if state is not None and (state_a is not None or state_b is not None):
+        raise UsageError("--state applies to both files: use it without --state-a/--state-b")
+    if layer is not None and (only or exclude):
+        raise UsageError("--layer picks one layer: use it without --only/--exclude")
+    state_a = state if state_a is None else state_a
+    state_b = state if state_b is None else state_b
+    ckpt_a = load_checkpoint(path_a, state=state_a, strip_prefix=strip_prefix_a)
+    ckpt_b = load_checkpoint(path_b, state=state_b, strip_prefix=strip_prefix_b)
     keys_a, keys_b = find_layers(ckpt_a), find_layers(ckpt_b)
+    if only or exclude:
+        names = list(dict.fromkeys([k.name for k in keys_a] + [k.name for k in keys_b]))
+        _check_patterns("--only", only, names, "A or B")
+        _check_patterns("--exclude", exclude, names, "A or B")
+        keep = layer_filter(only, exclude)
+        keys_a, keys_b = [k for k in keys_a if keep(k.name)], [k for k in keys_b if keep(k.name)]
     if layer is not None:
         picked = select_layer(keys_a, layer, ckpt_a.provenance.path)
         if picked.name not in {k.name for k in keys_b}:
@@ -113,6 +194,13 @@ def diff_files(
         per_channel=layer is not None,
         prefix_a=ckpt_a.provenance.prefix,
         prefix_b=ckpt_b.provenance.prefix,
+        atol=atol,
+        rtol=rtol,
+        gate=gate,
+        container_a=ckpt_a.provenance.container,
+        container_b=ckpt_b.provenance.container,
+        state_a=state_a,
+        state_b=state_b,
     )
 
 
@@ -126,11 +214,16 @@ def diff_layers(
     per_channel: bool = False,
     prefix_a: str | None = None,
     prefix_b: str | None = None,
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    **report,
 ) -> DiffReport:
-    """Compare two lists of layers; common layers in A's order, then the names found on one side only."""
+    """Compare two lists of layers; common layers in A's order, then the names found on one side only.
+    `report` holds DiffReport's descriptive fields (gate, containers, states)."""
+    check_tolerances(atol, rtol)
     by_name_b = {x.name: x for x in layers_b}
     names_a = {x.name for x in layers_a}
-    common = [compare_layer(a, by_name_b[a.name], eps, per_channel) for a in layers_a if a.name in by_name_b]
+    common = [compare_layer(a, by_name_b[a.name], eps, per_channel, atol, rtol) for a in layers_a if a.name in by_name_b]
     return DiffReport(
         path_a=path_a,
         path_b=path_b,
@@ -140,11 +233,16 @@ def diff_layers(
         only_b=tuple(x.name for x in layers_b if x.name not in names_a),
         prefix_a=prefix_a,
         prefix_b=prefix_b,
+        atol=atol,
+        rtol=rtol,
+        **report,
     )
 
 
-def compare_layer(a: BNLayer, b: BNLayer, eps: float, per_channel: bool = False) -> LayerDiff:
-    """All statistics in float64, whatever the stored dtype."""
+def compare_layer(
+    a: BNLayer, b: BNLayer, eps: float, per_channel: bool = False, atol: float = 0.0, rtol: float = 0.0
+) -> LayerDiff:
+    """All statistics in float64, whatever the stored dtype; a value within atol + rtol * |A| of A's is unchanged."""
     import numpy as np
 
     base = {
@@ -181,11 +279,11 @@ def compare_layer(a: BNLayer, b: BNLayer, eps: float, per_channel: bool = False)
         kl = symmetric_kl(ma, va + eps, mb, vb + eps)
         dw = _delta(a.weight, b.weight)
         db = _delta(a.bias, b.bias)
-    changed = ~(_same(ma, mb) & _same(va, vb))
-    if dw is not None:
-        changed |= ~_same(a.weight.astype(f64), b.weight.astype(f64))
-    if db is not None:
-        changed |= ~_same(a.bias.astype(f64), b.bias.astype(f64))
+        changed = ~(_same(ma, mb, atol, rtol) & _same(va, vb, atol, rtol))
+        if dw is not None:
+            changed |= ~_same(a.weight.astype(f64), b.weight.astype(f64), atol, rtol)
+        if db is not None:
+            changed |= ~_same(a.bias.astype(f64), b.bias.astype(f64), atol, rtol)
     # Values, not dtypes: a lossless cast is not an update of the statistics.
     identical = not changed.any() and a.num_batches_tracked == b.num_batches_tracked
     channels = None
@@ -229,11 +327,14 @@ def symmetric_kl(mean_a, var_a, mean_b, var_b):
     return np.where((var_a > 0) & (var_b > 0), kl, np.nan)  # no Gaussian has a variance <= 0
 
 
-def _same(x, y):
-    """Elementwise equality where NaN equals NaN (an unchanged NaN is not a change)."""
+def _same(x, y, atol: float = 0.0, rtol: float = 0.0):
+    """Elementwise equality where NaN equals NaN (an unchanged NaN is not a change), within atol + rtol * |x|."""
     import numpy as np
 
-    return (x == y) | (np.isnan(x) & np.isnan(y))
+    same = (x == y) | (np.isnan(x) & np.isnan(y))
+    if atol or rtol:
+        same |= np.abs(y - x) <= atol + rtol * np.abs(x)  # NaN and Inf - Inf compare False: still changed
+    return same
 
 
 def _delta(a, b):

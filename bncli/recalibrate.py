@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bncli.errors import InputError, first_line
+from bncli.errors import ExitCode, InputError, RankError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -251,6 +251,59 @@ def init_distributed(device: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), True)
 
 
+_MAX_MESSAGE = 4096  # bytes of an error message sent to the other ranks
+
+
+class agreement:
+    """`with agreement(ctx, device):` around work that may fail on some ranks only. On leaving, every rank learns
+    whether any rank failed (one all-reduce, MIN over the failing ranks); if one did, the lowest failing rank
+    broadcasts its exit code and message, and every rank raises RankError with that code: rank 0 says it, the
+    others exit quietly. So no rank is left waiting in a collective for a peer that has gone, and no rank goes
+    on to write. Every rank must pass through the same agreements in the same order."""
+
+    def __init__(self, ctx: Dist, device: str) -> None:
+        self.ctx = ctx
+        self.device = device
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.ctx.world_size == 1 or (exc is not None and not isinstance(exc, Exception)):
+            return False  # one process: the error is its own; KeyboardInterrupt and exits pass through
+        import torch
+        import torch.distributed as dist
+
+        from bncli.errors import BncliError, ExitCode, RankError, internal_message
+
+        ctx = self.ctx
+        flag = torch.tensor([ctx.rank if exc is not None else ctx.world_size], dtype=torch.int64, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        first = int(flag.item())
+        if first == ctx.world_size:
+            return False
+        header = torch.zeros(2, dtype=torch.int64, device=self.device)
+        payload = b""
+        if ctx.rank == first:
+            if isinstance(exc, BncliError):
+                code, message = int(exc.exit_code), exc.message
+            else:
+                code, message = int(ExitCode.INTERNAL), internal_message(exc)
+            payload = message.encode("utf-8", "replace")[:_MAX_MESSAGE]
+            header[0], header[1] = code, len(payload)
+        dist.broadcast(header, src=first)
+        code, length = int(header[0].item()), int(header[1].item())
+        buffer = torch.tensor(list(payload) or [0], dtype=torch.uint8, device=self.device) if ctx.rank == first else (
+            torch.zeros(max(length, 1), dtype=torch.uint8, device=self.device))
+        dist.broadcast(buffer, src=first)
+        message = bytes(buffer[:length].cpu().tolist()).decode("utf-8", "replace")
+        if ctx.rank == 0:
+            if first == 0 and exc is not None:
+                return False  # our own error, raised as it is (with its traceback under --debug)
+            raise RankError(f"rank {first} of {ctx.world_size}: {message}", code, quiet=False) from exc
+        raise RankError(message, code, quiet=True) from exc
+
+
 def reduce_moments(local: dict[str, Moments], batches: int, samples: int, ctx: Dist, device: str):
     """Gather every rank's (count, mean, M2) and merge them in rank order, so the result never depends on timing."""
     if ctx.world_size == 1:
@@ -304,77 +357,93 @@ def recalibrate(
     import torch
 
     from bncli import calib_data
-    from bncli.diff import diff_layers
     from bncli.loading import load_checkpoint
 
     if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: CUDA is not available (no GPU visible, or this torch was built without CUDA)")
+        # Before the process group exists, so every rank finds this alike: only rank 0 says it.
+        raise RankError("--device cuda: CUDA is not available (no GPU visible, or this torch was built without CUDA)",
+                        ExitCode.INPUT, quiet=os.environ.get("RANK", "0") not in ("", "0"))
     ctx = init_distributed(device)
     try:
         run_device = device
         if device == "cuda" and ctx.world_size > 1:
             run_device = f"cuda:{int(os.environ.get('LOCAL_RANK', ctx.rank)) % torch.cuda.device_count()}"
             torch.cuda.set_device(run_device)
-        ckpt = load_checkpoint(checkpoint, state=state, strip_prefix=strip_prefix)
-        net = build_model(model, model_kwargs)
-        load_into(net, ckpt, model)
-        net.to(run_device)
-        sources = calib_data.discover(data, key)
-        batches = calib_data.plan(sources, batch_size, num_samples)
-        if not batches:
-            raise InputError(f"{', '.join(str(s.path) for s in sources)}: no samples to calibrate on (N = 0)")
-        mine = batches[ctx.rank :: ctx.world_size]  # batch i goes to rank i mod K: every rank reads only its share
-        local_samples = sum(end - start for b in mine for _, start, end in b)
-        with _progress(progress and ctx.rank == 0, len(mine)) as advance:
-            local, local_batches = population_moments(net, calib_data.iterate(sources, mine), run_device, advance)
+        # Under torchrun any rank may fail on its own (its share of the data, its file system): the ranks agree
+        # on that before the all-gather and again before exiting, so every rank exits with the real error's code.
+        with agreement(ctx, run_device):
+            ckpt = load_checkpoint(checkpoint, state=state, strip_prefix=strip_prefix)
+            net = build_model(model, model_kwargs)
+            load_into(net, ckpt, model)
+            net.to(run_device)
+            sources = calib_data.discover(data, key)
+            batches = calib_data.plan(sources, batch_size, num_samples)
+            if not batches:
+                raise InputError(f"{', '.join(str(s.path) for s in sources)}: no samples to calibrate on (N = 0)")
+            mine = batches[ctx.rank :: ctx.world_size]  # batch i goes to rank i mod K: every rank reads only its share
+            local_samples = sum(end - start for b in mine for _, start, end in b)
+            with _progress(progress and ctx.rank == 0, len(mine)) as advance:
+                local, local_batches = population_moments(net, calib_data.iterate(sources, mine), run_device, advance)
         moments, total_batches, total_samples = reduce_moments(local, local_batches, local_samples, ctx, run_device)
-        if ctx.rank != 0:
-            return None
-        modules = dict(batchnorm_modules(net))
-        unused = tuple(n for n, m in moments.items() if m.count == 0)
-        for name in unused:
-            if warn is not None:
-                warn(f"{name}: received no input from the model's forward pass; its statistics are left as they were")
-        updates = {}
-        for name, m in moments.items():
-            if m.count == 0:
-                continue
-            updates[f"{name}.running_mean"] = m.mean.cpu()
-            updates[f"{name}.running_var"] = m.var.cpu()
-            counter = f"{name}.num_batches_tracked"
-            if getattr(modules[name], "num_batches_tracked", None) is not None and counter in ckpt:
-                updates[counter] = int(ckpt.read(counter).reshape(())) + total_batches
-        # The statistics before are read now: OUTPUT may be CHECKPOINT itself, and is then replaced by the write.
-        before = bn_layers(ckpt)
-        write_checkpoint(ckpt, updates, Path(output), warn)
-        prov = ckpt.provenance
-        written = load_checkpoint(output, state=prov.container, strip_prefix=strip_prefix)  # what was written, read back
-        report = diff_layers(
-            before,
-            bn_layers(written),
-            path_a=prov.path,
-            path_b=written.provenance.path,
-            prefix_a=prov.prefix,
-            prefix_b=written.provenance.prefix,
-        )
-        return RecalibrateReport(
-            checkpoint=ckpt.provenance.path,
-            output=str(output),
-            model=model,
-            device=device,
-            world_size=ctx.world_size,
-            samples=total_samples,
-            available=sum(s.n for s in sources),
-            batches=total_batches,
-            batch_size=batch_size,
-            unused=unused,
-            diff=report,
-        )
+        with agreement(ctx, run_device):
+            if ctx.rank == 0:
+                return _write_and_report(ckpt, net, moments, sources, total_batches, total_samples, output,
+                                         model=model, device=device, world_size=ctx.world_size,
+                                         batch_size=batch_size, strip_prefix=strip_prefix, warn=warn)
+        return None
     finally:
         if ctx.owned:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _write_and_report(ckpt, net, moments, sources, total_batches, total_samples, output, *, model, device,
+                      world_size, batch_size, strip_prefix, warn) -> RecalibrateReport:
+    """Rank 0's part: write the new statistics and diff what was written against what was there."""
+    from bncli.diff import diff_layers
+    from bncli.loading import load_checkpoint
+
+    modules = dict(batchnorm_modules(net))
+    unused = tuple(n for n, m in moments.items() if m.count == 0)
+    for name in unused:
+        if warn is not None:
+            warn(f"{name}: received no input from the model's forward pass; its statistics are left as they were")
+    updates = {}
+    for name, m in moments.items():
+        if m.count == 0:
+            continue
+        updates[f"{name}.running_mean"] = m.mean.cpu()
+        updates[f"{name}.running_var"] = m.var.cpu()
+        counter = f"{name}.num_batches_tracked"
+        if getattr(modules[name], "num_batches_tracked", None) is not None and counter in ckpt:
+            updates[counter] = int(ckpt.read(counter).reshape(())) + total_batches
+    # The statistics before are read now: OUTPUT may be CHECKPOINT itself, and is then replaced by the write.
+    before = bn_layers(ckpt)
+    write_checkpoint(ckpt, updates, Path(output), warn)
+    prov = ckpt.provenance
+    written = load_checkpoint(output, state=prov.container, strip_prefix=strip_prefix)  # what was written, read back
+    report = diff_layers(
+        before,
+        bn_layers(written),
+        path_a=prov.path,
+        path_b=written.provenance.path,
+        prefix_a=prov.prefix,
+        prefix_b=written.provenance.prefix,
+    )
+    return RecalibrateReport(
+        checkpoint=ckpt.provenance.path,
+        output=str(output),
+        model=model,
+        device=device,
+        world_size=world_size,
+        samples=total_samples,
+        available=sum(s.n for s in sources),
+        batches=total_batches,
+        batch_size=batch_size,
+        unused=unused,
+        diff=report,
+    )
 
 
 def bn_layers(ckpt) -> list:

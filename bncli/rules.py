@@ -26,6 +26,7 @@ class Thresholds:
     max_var: float = 1e4  # running_var above this (std 100) is exploding
     max_mean: float = 1e2  # |running_mean| above this is exploding
     dead_weight: float = 1e-3  # |gamma| below this: the channel outputs (almost) a constant
+    max_fold_spread: float = 1e2  # largest folded scale |gamma|/sqrt(var + eps) above this many times the median
 
     @property
     def collapsed_below(self) -> float:
@@ -33,6 +34,10 @@ class Thresholds:
 
 
 Hits = list[tuple[tuple[int, ...], str]]
+# File rules may name the layer a finding is about: (layer name or None, channels, message).
+FileHits = list[tuple["str | None", tuple[int, ...], str]]
+
+FLOAT16_MAX = 65504.0  # the largest finite float16: a folded weight beyond it overflows a half-precision export
 
 
 # Where the catalogue is published (the README's repository address, a placeholder until bncli is published).
@@ -47,7 +52,7 @@ class Rule:
     name: str
     severity: Severity
     summary: str  # one line, for tables
-    check: Callable[..., Hits]  # (BNLayer, Thresholds) for layer rules, (list[BNLayer], Thresholds) for file rules
+    check: Callable[..., Hits]  # (BNLayer, Thresholds) -> Hits for layer rules, (list[BNLayer], Thresholds) -> FileHits
     thresholds: tuple[str, ...] = ()  # the Thresholds fields it uses, for the docs and --help
     scope: str = "layer"  # "layer" or "file"
     detects: str = ""  # what it detects, why it matters, how to fix it: markdown paragraphs (`code` allowed)
@@ -102,6 +107,14 @@ def _channels(mask) -> tuple[int, ...]:
 def _show(channels: tuple[int, ...], limit: int = 8) -> str:
     shown = ", ".join(str(c) for c in channels[:limit])
     return shown + (f", ... ({len(channels)} in all)" if len(channels) > limit else "")
+
+
+def layer_eps(layer: BNLayer, t: Thresholds) -> float:
+    """The eps of this layer: its own when the file says it (a whole pickled model), else --eps.
+
+    Every rule that needs eps asks here, so that per-layer eps switches in one place."""
+    own = getattr(layer, "eps", None)
+    return t.eps if own is None else float(own)
 
 
 def _is_default_stats(layer: BNLayer) -> bool:
@@ -267,12 +280,14 @@ def check_collapsed_var(layer: BNLayer, t: Thresholds) -> Hits:
     if not bad:
         return []
     worst = min(bad, key=lambda c: var[c])
-    scale = 1.0 / float(np.sqrt(var[worst] + t.eps))
+    eps = layer_eps(layer, t)
+    with np.errstate(divide="ignore"):
+        scale = float(1.0 / np.sqrt(var[worst] + eps))
     return [
         (
             bad,
             f"running_var below {t.collapsed_below:g} in channel(s) {_show(bad)}: the normalization scale "
-            f"1/sqrt(running_var + eps) reaches {scale:.4g} (channel {worst}, eps={t.eps:g})",
+            f"1/sqrt(running_var + eps) reaches {scale:.4g} (channel {worst}, eps={eps:g})",
         )
     ]
 
@@ -458,6 +473,115 @@ def check_untrained_affine(layer: BNLayer, t: Thresholds) -> Hits:
 
 
 @rule(
+    'BN013',
+    'default-channels',
+    Severity.WARNING,
+    'some channels still hold running_mean 0 and running_var 1',
+    detects=(
+        'Some channels of a layer hold exactly the initial `running_mean` 0 and `running_var` 1 while its other '
+        'channels are trained; the finding lists them. (Every channel at those values is BN003.)'
+    ),
+    why=(
+        'A trained channel never lands on exactly 0 and 1: those channels never saw a batch. It comes from kernels '
+        'that skip channels (channels-last SyncBatchNorm bugs), from model surgery that widened a layer and '
+        'initialised the new channels only, or from a partial `load_state_dict` that copied some channels. In eval '
+        'mode those channels normalize with the wrong statistics, so their outputs are shifted and scaled wrongly.'
+    ),
+    example=(
+        'warning BN013 default-channels layer1.bn: 3 of 64 channel(s) (5, 21, 22) still hold exactly the initial '
+        'running_mean 0 and running_var 1 while the others are trained: those channels never saw a batch (a partial '
+        'load, model surgery, or a kernel that skipped them)',
+    ),
+    fix=(
+        'Recompute the statistics (`bncli recalibrate`, or forward passes in train mode) and find the step that '
+        'skipped the channels: a surgery script, a `strict=False` load, or the SyncBatchNorm and memory format in use.'
+    ),
+)
+def check_default_channels(layer: BNLayer, t: Thresholds) -> Hits:
+    default = (layer.running_mean == 0) & (layer.running_var == 1)
+    if default.all() or not default.any():
+        return []  # all of them is BN003's finding
+    bad = _channels(default)
+    return [
+        (
+            bad,
+            f"{len(bad)} of {default.size} channel(s) ({_show(bad)}) still hold exactly the initial running_mean 0 and "
+            "running_var 1 while the others are trained: those channels never saw a batch (a partial load, model "
+            "surgery, or a kernel that skipped them)",
+        )
+    ]
+
+
+
+@rule(
+    'BN015',
+    'fold-risk',
+    Severity.INFO,
+    'folded scales |weight|/sqrt(var + eps) spread too far, or beyond float16',
+    thresholds=('max_fold_spread', 'eps'),
+    detects=(
+        'Folding the layer into the preceding convolution multiplies each output channel by '
+        '`|weight|/sqrt(running_var + eps)`. The rule reports the largest of these scales, how many times the '
+        "layer's median it is, and the channels above `--max-fold-spread` times the median or above float16's "
+        'largest value 65504. Dead channels (scale 0, BN005) and invalid statistics (BN001, BN002) are left out of '
+        'the median.'
+    ),
+    why=(
+        'Per-tensor int8 quantization after folding spends its 255 levels on the largest weights: with one channel '
+        "scaled 200 times the median, the other channels' weights fall into a handful of levels, or to zero, and "
+        'the quantized model loses accuracy that the float model has. A scale above 65504 overflows to Inf when '
+        'the folded model is exported in half precision. It usually comes with a collapsed variance (BN004).'
+    ),
+    example=(
+        'info    BN015 fold-risk features.5: the folded scale |weight|/sqrt(running_var + eps) reaches 313.2 in '
+        'channel 11, 224.8x the median 1.393 (eps=1e-05); above 100x the median in channel(s) 7, 11: per-tensor '
+        'int8 quantization after folding loses the small channels',
+    ),
+    fix=(
+        'Quantize per channel (most toolkits can), or fix the collapsed channels first (BN004: prune them, or '
+        'recompute the statistics on representative data); keep folded weights in float32 where they exceed '
+        "float16's range. Raise `--max-fold-spread` (or `max-fold-spread` in `[tool.bncli]`) when your deployment "
+        'quantizes per channel.'
+    ),
+    thresholds_note="`--max-fold-spread` (default 100), `--eps` (default 1e-5)",
+)
+def check_fold_risk(layer: BNLayer, t: Thresholds) -> Hits:
+    import numpy as np
+
+    var = layer.running_var.astype(np.float64)
+    gamma = np.ones_like(var) if layer.weight is None else np.abs(layer.weight.astype(np.float64))
+    eps = layer_eps(layer, t)
+    usable = np.isfinite(var) & (var >= 0) & np.isfinite(gamma)
+    if _is_default_stats(layer) or not usable.any():
+        return []  # BN003 and BN001/BN002 say what is wrong there
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(usable, gamma / np.sqrt(var + eps), np.nan)  # var + eps == 0 with --eps 0: inf
+    live = scale[usable & (scale > 0)]  # dead channels (gamma 0) are BN005's, and say nothing of the spread
+    if live.size == 0:
+        return []
+    median = float(np.median(live))
+    top = int(np.nanargmax(np.where(usable, scale, -np.inf)))
+    largest = float(scale[top])
+    with np.errstate(invalid="ignore"):
+        spread_out = _channels(usable & (scale > median * t.max_fold_spread))
+        over = _channels(usable & (scale > FLOAT16_MAX))
+    if not spread_out and not over:
+        return []
+    message = (
+        f"the folded scale |weight|/sqrt(running_var + eps) reaches {largest:.4g} in channel {top}, "
+        f"{largest / median:.4g}x the median {median:.4g} (eps={eps:g})"
+    )
+    if spread_out:
+        message += (
+            f"; above {t.max_fold_spread:g}x the median in channel(s) {_show(spread_out)}: per-tensor int8 quantization "
+            "after folding loses the small channels"
+        )
+    if over:
+        message += f"; above float16's largest value {FLOAT16_MAX:g} in channel(s) {_show(over)}: a half-precision export overflows"
+    return [(tuple(sorted(set(spread_out) | set(over))), message)]
+
+
+@rule(
     'BN011',
     'no-batchnorm',
     Severity.INFO,
@@ -479,10 +603,66 @@ def check_untrained_affine(layer: BNLayer, t: Thresholds) -> Hits:
     ),
     severity_note='error with `--require-bn` or `require-bn = true`',
 )
-def check_no_batchnorm(layers: list[BNLayer], t: Thresholds) -> Hits:
+def check_no_batchnorm(layers: list[BNLayer], t: Thresholds) -> FileHits:
     if layers:
         return []
-    return [((), "no BatchNorm layer in the file (no key prefix has both running_mean and running_var)")]
+    return [(None, (), "no BatchNorm layer in the file (no key prefix has both running_mean and running_var)")]
+
+
+@rule(
+    'BN014',
+    'duplicate-statistics',
+    Severity.WARNING,
+    'layers of the same size with bit-identical running statistics',
+    scope='file',
+    detects=(
+        'Two or more layers of the same size whose `running_mean` and `running_var` are bit-identical. The finding '
+        'belongs to the first of them and names them all. Layers that were never updated (BN003) are left out: '
+        'their defaults are alike by design.'
+    ),
+    why=(
+        'Two layers that see different inputs never accumulate the same statistics to the last bit. Identical '
+        'buffers mean one is a copy of the other: an EMA model whose BatchNorm buffers were never copied or '
+        'averaged (only the parameters were), a module shared between two places and saved twice, or a '
+        'checkpoint assembled from the wrong layer. The copy then normalizes with statistics that are not its own.'
+    ),
+    example=(
+        'warning BN014 duplicate-statistics backbone.bn1: backbone.bn1 and ema.bn1 have bit-identical running_mean '
+        'and running_var (64 channels): one is a copy of the other (a module shared and saved twice, or an EMA or '
+        'copy whose buffers were never updated)',
+    ),
+    fix=(
+        "For an EMA, average or copy the buffers as well as the parameters (timm's `ModelEmaV2` and "
+        "`torch.optim.swa_utils.AveragedModel(..., use_buffers=True)` do), or recompute the copy's statistics with "
+        '`bncli recalibrate`; `bncli diff ckpt.pt ckpt.pt --state-a model --state-b model_ema` shows how the two '
+        'copies differ layer by layer.'
+    ),
+)
+def check_duplicate_statistics(layers: list[BNLayer], t: Thresholds) -> FileHits:
+    groups: dict[tuple, list[BNLayer]] = {}
+    for bn in layers:
+        if bn.running_mean.shape != bn.running_var.shape or _is_default_stats(bn):
+            continue  # never-updated layers are all alike: BN003 reports each of them
+        key = (bn.running_var.size, bn.running_mean.tobytes(), bn.running_var.tobytes())
+        groups.setdefault(key, []).append(bn)
+    out: FileHits = []
+    for same in groups.values():
+        if len(same) < 2:
+            continue
+        names = [bn.name for bn in same]
+        if len(names) == 2:
+            who, copies = f"{names[0]} and {names[1]}", "one is a copy of the other"
+        else:
+            who, copies = f"{len(names)} layers ({', '.join(names)})", "they are copies of one another"
+        out.append(
+            (
+                names[0],
+                (),
+                f"{who} have bit-identical running_mean and running_var ({same[0].num_features} channels): {copies} "
+                "(a module shared and saved twice, or an EMA or copy whose buffers were never updated)",
+            )
+        )
+    return out
 
 
 RULES: tuple[Rule, ...] = tuple(_CATALOGUE)  # in definition order: shape first, file rules last
@@ -534,11 +714,14 @@ def run_file_rules(
     selected: frozenset[str] = ALL_IDS,
     require_bn: bool = False,
 ) -> list[Finding]:
-    """Findings about the file as a whole (layer None); --require-bn raises BN011 to an error."""
+    """Findings about the file as a whole (layer None) or across layers (the first layer named); --require-bn raises
+    BN011 to an error."""
     findings = []
     for rule in RULES:
         if rule.scope != "file" or rule.id not in selected:
             continue
         severity = Severity.ERROR if rule.id == "BN011" and require_bn else rule.severity
-        findings.extend(Finding(rule.id, rule.name, severity, None, ch, msg) for ch, msg in rule.check(layers, thresholds))
+        findings.extend(
+            Finding(rule.id, rule.name, severity, name, ch, msg) for name, ch, msg in rule.check(layers, thresholds)
+        )
     return findings

@@ -106,7 +106,7 @@ def test_only_in_one_side_and_shape_changed(cli, make_ckpt):
     assert "1 layer in both: 0 changed, 1 shape-changed, 0 identical; 1 only in A, 1 only in B" in result.stdout
     md = cli("diff", a, b, "--format", "markdown")
     assert md.exit_code == 0
-    assert "| features.1 | 6→8 | shape-changed | - | - | - | - | +0 | - | - |" in md.stdout
+    assert "| `features.1` | 6→8 | shape-changed | - | - | - | - | +0 | - | - |" in md.stdout
     assert "Only in A: `features.5`" in md.stdout
 
 
@@ -169,13 +169,14 @@ def test_every_format_has_a_renderer(make_ckpt):
     from bncli.render.diff import diff_github
 
     a_sd, b_sd = perturbed()
-    report = diff_files(make_ckpt(a_sd, "a.pt"), make_ckpt(b_sd, "b.pt"))
+    b = make_ckpt(b_sd, "b.pt")
+    report = diff_files(make_ckpt(a_sd, "a.pt"), b)
     for fmt in Format:
         if fmt.value in ("table", "json", "markdown", "github"):
             assert renderer_for(fmt, "diff")(report) is not None
             assert renderer_for(fmt, "recalibrate") is not None
     lines = diff_github(report).splitlines()
-    assert lines[0].startswith("::notice title=bncli diff::features.5: changed (2 of 4 channels; max mean shift ")
+    assert lines[0].startswith(f"::notice file={b},title=bncli diff::features.5: changed (2 of 4 channels; max mean shift ")
     assert lines[-1] == "2 layers in both: 1 changed, 0 shape-changed, 1 identical; 0 only in A, 0 only in B"
 
 

@@ -53,7 +53,7 @@ def test_examples_are_real_output():
     from bncli.audit import inspect_files
 
     findings = inspect_files([SAMPLES / "model_defects.pt"]).findings
-    assert len(findings) == 5
+    assert len(findings) == 6
     for f in findings:
         assert f"    {f.severity.value:<8}{f.rule} {f.name} {f.layer}: {f.message}\n" in DOC
 
@@ -70,3 +70,19 @@ def test_every_rule_has_its_text_and_a_unique_anchor():
         assert rule.help_uri.endswith("docs/rules.md#" + rule.anchor)
         # GitHub's anchor for the section heading "## BN004 collapsed-variance"
         assert f"## {rule.id} {rule.name}\n" in DOC and rule.anchor == f"{rule.id} {rule.name}".lower().replace(" ", "-")
+
+
+def test_new_rule_examples_are_real_output(make_ckpt):
+    """BN013 and BN014's examples are what `bncli inspect` prints for the checkpoints they describe."""
+    from conftest import bn_state
+
+    from bncli.audit import inspect_file
+    from bncli.rules import rule_by_key
+
+    sd = bn_state(64, prefix="layer1.bn", seed=1)
+    sd["layer1.bn.running_mean"][[5, 21, 22]] = 0.0
+    sd["layer1.bn.running_var"][[5, 21, 22]] = 1.0
+    for prefix, seed in (("backbone.bn1", 2), ("ema.bn1", 2), ("head.bn", 3)):
+        sd.update(bn_state(64, prefix=prefix, seed=seed))
+    lines = [f"{f.severity.value:<8}{f.rule} {f.name} {f.layer}: {f.message}" for f in inspect_file(make_ckpt(sd)).findings]
+    assert lines == [rule_by_key("BN013").example[0], rule_by_key("BN014").example[0]]

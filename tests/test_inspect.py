@@ -24,6 +24,7 @@ def test_sample_defects_are_all_found(name):
         ("BN003", "never-updated", "error", "features.1", ()),
         ("BN001", "non-finite", "error", "features.5", (3,)),
         ("BN004", "collapsed-variance", "warning", "features.5", (7, 11)),
+        ("BN015", "fold-risk", "info", "features.5", (7, 11)),
         ("BN002", "negative-variance", "error", "features.9", (4,)),
         ("BN005", "dead-channel", "info", "features.9", (0, 2, 5)),
     }
@@ -89,7 +90,7 @@ def test_cli_table_and_exit_codes(cli):
 
     bad = cli("inspect", SAMPLES / "model_defects.pt")
     assert bad.exit_code == 1, bad
-    assert "never-updated" in bad.stdout and "3 errors, 1 warning, 1 info" in bad.stdout
+    assert "never-updated" in bad.stdout and "3 errors, 1 warning, 2 info" in bad.stdout
     assert bad.stderr == ""
     assert cli("inspect", SAMPLES / "model_defects.pt", "--fail-on", "never").exit_code == 0
 

@@ -49,7 +49,7 @@ def test_one_unreadable_input_is_reported_and_the_others_audited(cli, tmp_path):
     payload = json.loads(result.stdout)
     assert [f["path"] for f in payload["files"]] == [str(CLEAN), str(broken), str(DEFECTS)]
     assert payload["files"][1]["error"].startswith(f"{broken}: corrupt zip archive")
-    assert rules_of(result.stdout, 2) == ["BN003", "BN001", "BN004", "BN002", "BN005"]
+    assert rules_of(result.stdout, 2) == ["BN003", "BN001", "BN004", "BN015", "BN002", "BN005"]
 
 
 def test_unreadable_wins_over_findings_and_clean_is_zero(cli):
@@ -121,13 +121,13 @@ def test_select_and_ignore_on_the_command_line(cli):
     result = cli("inspect", DEFECTS, "-f", "json", "--select", "BN001,collapsed-variance", "--select", "bn005")
     assert rules_of(result.stdout) == ["BN001", "BN004", "BN005"]
     result = cli("inspect", DEFECTS, "-f", "json", "--ignore", "never-updated", "--ignore", "BN001,BN002")
-    assert (result.exit_code, rules_of(result.stdout)) == (0, ["BN004", "BN005"])
+    assert (result.exit_code, rules_of(result.stdout)) == (0, ["BN004", "BN015", "BN005"])
 
 
 def test_unknown_rule_is_a_usage_error(cli):
     result = cli("inspect", DEFECTS, "--ignore", "BN05")
     assert result.exit_code == 2
-    assert result.stderr == "error: unknown rule 'BN05'; did you mean BN005, BN011, BN010?\n"
+    assert result.stderr == "error: unknown rule 'BN05'; did you mean BN015, BN005, BN014?\n"
 
 
 def test_threshold_options(cli):
@@ -295,7 +295,7 @@ def test_github_actions_example_runs(tmp_path):
     assert annotate.returncode == 1, annotate.stderr
     assert annotate.stdout.splitlines()[0].startswith("::error file=checkpoints/model.pt,title=bncli BN003 never-updated")
     assert report.returncode == 0, report.stderr
-    assert summary.read_text().startswith("## bncli inspect: 3 errors, 1 warning, 1 info")
+    assert summary.read_text().startswith("## bncli inspect: 3 errors, 1 warning, 2 info")
 
 
 def test_github_actions_example_is_valid_yaml():

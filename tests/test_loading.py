@@ -62,7 +62,7 @@ def test_low_precision_reported_as_stored_and_computed_wider(tmp_path, how, dtyp
     assert report.layers[0].dtype == name
     assert report.layers[0].running_var.center == float(np.median(ref))
     # 1e-6 is below float16's smallest normal (6.1e-5), not bfloat16's: BN009 tells them apart
-    expected = ["collapsed-variance"] + (["low-precision-statistics"] if dtype == torch.float16 else [])
+    expected = ["collapsed-variance"] + (["low-precision-statistics"] if dtype == torch.float16 else []) + ["fold-risk"]
     assert [f.name for f in report.findings] == expected
 
 

@@ -330,6 +330,46 @@ def test_two_gloo_processes_equal_one(tmp_path):
     assert copy.copy(two["module.body.1.num_batches_tracked"]).item() == 107
 
 
+def _two_ranks(tmp_path, args, env):
+    """Start two gloo ranks of `python -m bncli ARGS` by hand (torchrun would hide each rank's exit code)."""
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        rank_env = {**env, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-m", "bncli", *args], cwd=ROOT, env=rank_env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return [(p.wait(timeout=120), *p.communicate()) for p in procs]
+
+
+@pytest.mark.parametrize("case", ["rank 1 fails", "rank 0 fails", "rank 0 cannot write"])
+def test_one_failing_rank_fails_every_rank_with_its_code(tmp_path, case):
+    ckpt = tmp_path / "model.pt"
+    save_wrapped(ckpt, models_for_tests.deep())
+    # Batches of 8: with 41 samples the sixth batch (rank 1's) has one sample, with 49 the seventh (rank 0's) has;
+    # the BatchNorm1d head cannot take a batch of one in train mode.
+    n = {"rank 1 fails": 41, "rank 0 fails": 49, "rank 0 cannot write": 48}[case]
+    np.save(tmp_path / "x.npy", drifting_data(n=n, seed=9, shape=(3, 8, 8)).numpy())
+    out = tmp_path / ("missing" if case == "rank 0 cannot write" else "") / "out.pt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "NO_COLOR": "1",
+           "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "COLUMNS": "400"}
+    (rc0, out0, err0), (rc1, out1, err1) = _two_ranks(
+        tmp_path, ["recalibrate", str(ckpt), "--model", "models_for_tests:deep", "--data", str(tmp_path / "x.npy"),
+                   "--batch-size", "8", "-o", str(out)], env)
+    assert (rc0, rc1) == (3, 3), (err0, err1)
+    assert out0 == out1 == "" and err1 == ""  # rank 0 says it, once; nothing on stdout
+    assert err0.count("\n") == 1 and err0.startswith("error: "), err0
+    if case == "rank 1 fails":
+        assert err0 == ("error: rank 1 of 2: a batch of shape (1, 3, 8, 8) gives a BatchNorm layer only one value per "
+                        "channel, and a batch of one value has no variance; choose --batch-size or --num-samples so "
+                        "that no batch is that small\n")
+    elif case == "rank 0 fails":
+        assert err0.startswith("error: a batch of shape (1, 3, 8, 8) gives a BatchNorm layer only one value"), err0
+    else:
+        assert "cannot write: folder" in err0 and "does not exist" in err0, err0
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "x.npy"]
+
+
 def test_checkpoint_without_num_batches_tracked_loads(cli, tmp_path):
     sd = models_for_tests.pointwise().state_dict()
     del sd["1.num_batches_tracked"]  # as saved by torch < 0.4.1; torch's loader accepts it

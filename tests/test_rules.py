@@ -52,6 +52,9 @@ def test_the_catalogue_is_stable():
         ("BN009", "low-precision-statistics", "warning"),
         ("BN010", "untrained-affine", "info"),
         ("BN011", "no-batchnorm", "info"),
+        ("BN013", "default-channels", "warning"),
+        ("BN014", "duplicate-statistics", "warning"),
+        ("BN015", "fold-risk", "info"),
     ]
 
 
@@ -268,6 +271,154 @@ def test_ignored_no_batchnorm_stays_silent_even_with_require_bn():
     assert run_file_rules([], selected=select_rules(ignore=["no-batchnorm"]), require_bn=True) == []
 
 
+# --------------------------------------------------------------------------- BN013 default-channels
+
+
+def test_default_channels_lists_the_untouched_channels():
+    found = hits(layer(mean=[0.0, -0.2, 0.0, 0.05], var=[1.0, 1.5, 1.0, 0.9]), "BN013")
+    assert [(f.severity, f.channels) for f in found] == [(Severity.WARNING, (0, 2))]
+    assert found[0].message.startswith("2 of 4 channel(s) (0, 2) still hold exactly the initial running_mean 0 and running_var 1")
+
+
+def test_default_channels_needs_both_exact_values():
+    tiny = float(np.nextafter(np.float32(0), np.float32(1)))
+    one_up = float(np.nextafter(np.float32(1), np.float32(2)))
+    assert hits(layer(mean=[tiny, -0.2, 0.3, 0.05], var=[1.0, 1.5, 2.0, 0.9]), "BN013") == []  # mean one ulp off 0
+    assert hits(layer(mean=[0.0, -0.2, 0.3, 0.05], var=[one_up, 1.5, 2.0, 0.9]), "BN013") == []  # var one ulp off 1
+    assert hits(layer(mean=[0.0, -0.2, 0.3, 0.05], var=[0.9, 1.5, 2.0, 0.9]), "BN013") == []  # a mean of 0 alone is fine
+
+
+def test_every_channel_default_is_never_updated_not_default_channels():
+    assert [f.rule for f in run_rules(layer(mean=[0.0] * 4, var=[1.0] * 4))] == ["BN003"]
+
+
+def test_default_channels_with_negative_zero_mean():
+    # -0.0 == 0: a channel zeroed by a kernel that wrote -0.0 is still at its initial value
+    assert hits(layer(mean=[-0.0, -0.2, 0.3, 0.05], var=[1.0, 1.5, 2.0, 0.9]), "BN013")[0].channels == (0,)
+
+
+# --------------------------------------------------------------------------- BN014 duplicate-statistics
+
+
+def test_duplicate_statistics_names_both_layers():
+    a, b, c = layer(name="model.bn"), layer(name="ema.bn"), layer(mean=[0.1, -0.2, 0.3, 0.06], name="other")
+    found = [f for f in run_file_rules([a, c, b]) if f.rule == "BN014"]
+    assert [(f.severity, f.layer, f.channels) for f in found] == [(Severity.WARNING, "model.bn", ())]
+    assert found[0].message.startswith("model.bn and ema.bn have bit-identical running_mean and running_var (4 channels)")
+
+
+def test_duplicate_statistics_groups_more_than_two():
+    group = [layer(name=f"l{i}") for i in range(3)] + [layer(var=[2.0] * 4, name="x"), layer(var=[2.0] * 4, name="y")]
+    found = [f for f in run_file_rules(group) if f.rule == "BN014"]
+    assert [f.layer for f in found] == ["l0", "x"]
+    assert found[0].message.startswith("3 layers (l0, l1, l2) have bit-identical")
+    assert found[1].message.startswith("x and y have bit-identical")
+
+
+def test_one_ulp_apart_or_another_size_is_not_a_duplicate():
+    var = np.array([0.5, 1.5, 2.0, 0.9], dtype=np.float32)
+    nudged = var.copy()
+    nudged[3] = np.nextafter(nudged[3], np.float32(2))
+    assert run_file_rules([layer(var=var, name="a"), layer(var=nudged, name="b")]) == []
+    mean_nudged = np.nextafter(np.float32(0.05), np.float32(1))
+    assert run_file_rules([layer(name="a"), layer(mean=[0.1, -0.2, 0.3, mean_nudged], name="b")]) == []
+    small = BNLayer("s", np.array([0.1, -0.2], np.float32), np.array([0.5, 1.5], np.float32), None, None, 1, "float32")
+    big = BNLayer("t", np.array([0.1, -0.2, 0.1, -0.2], np.float32), np.array([0.5, 1.5, 0.5, 1.5], np.float32), None, None, 1,
+                  "float32")
+    assert run_file_rules([small, big]) == []
+
+
+def test_never_updated_layers_are_not_duplicates():
+    defaults = [layer(mean=[0.0] * 4, var=[1.0] * 4, name=n) for n in ("a", "b")]
+    assert run_file_rules(defaults) == []
+
+
+def test_duplicate_statistics_flags_the_layer_in_the_report(make_ckpt):
+    from conftest import bn_state
+
+    from bncli.audit import inspect_file
+
+    sd = bn_state(prefix="model.bn", seed=1)
+    sd.update(bn_state(prefix="ema.bn", seed=1))
+    sd.update(bn_state(prefix="head.bn", seed=2))
+    report = inspect_file(make_ckpt(sd))
+    assert [(f.rule, f.layer) for f in report.findings] == [("BN014", "model.bn")]
+    assert [layer.flags for layer in report.layers] == [("duplicate-statistics",), (), ()]
+
+
+# --------------------------------------------------------------------------- BN015 fold-risk
+
+
+def _fold_scales(bn: BNLayer, eps: float) -> np.ndarray:
+    """The float64 reference: |gamma| / sqrt(var + eps), gamma 1 without affine."""
+    gamma = np.ones(bn.running_var.size) if bn.weight is None else np.abs(bn.weight.astype(np.float64))
+    return gamma / np.sqrt(bn.running_var.astype(np.float64) + eps)
+
+
+def test_fold_risk_reports_the_spread_and_the_channels():
+    bn = layer(var=[0.5, 1.5, 1e-7, 0.9], weight=[0.9, 1.1, 0.7, 1.3])
+    scales = _fold_scales(bn, 1e-5)
+    median = float(np.median(scales))
+    found = hits(bn, "BN015")
+    assert [(f.severity, f.channels) for f in found] == [(Severity.INFO, (2,))]
+    assert found[0].message.startswith(
+        f"the folded scale |weight|/sqrt(running_var + eps) reaches {scales[2]:.4g} in channel 2, "
+        f"{scales[2] / median:.4g}x the median {median:.4g} (eps=1e-05); above 100x the median in channel(s) 2"
+    )
+    assert "float16" not in found[0].message
+
+
+def f64_layer(var, weight=None) -> BNLayer:
+    var = np.asarray(var, np.float64)
+    weight = None if weight is None else np.asarray(weight, np.float64)
+    return BNLayer("bn", np.full(var.size, 0.1), var, weight, None, 100, "float64")
+
+
+def test_fold_risk_on_both_sides_of_the_spread_threshold():
+    # channels 0, 1, 3 have scale 1 (var + eps = 1) and so does the median; channel 2's scale is `ratio`
+    def at(ratio: float) -> BNLayer:
+        return f64_layer([1 - 1e-5, 1 - 1e-5, 1 / ratio**2 - 1e-5, 1 - 1e-5])
+
+    assert hits(at(99.0), "BN015") == []
+    assert [f.channels for f in hits(at(101.0), "BN015")] == [(2,)]
+    assert hits(at(101.0), "BN015", Thresholds(max_fold_spread=102)) == []
+    assert [f.channels for f in hits(at(101.0), "BN015", Thresholds(max_fold_spread=100.5))] == [(2,)]
+
+
+def test_fold_risk_float16_overflow_without_a_large_spread():
+    # every channel scaled alike (no spread) but beyond 65504: a half-precision export overflows
+    big = f64_layer([1.0, 1.0], weight=[7e4, 6.5e4])
+    found = hits(big, "BN015")
+    assert [f.channels for f in found] == [(0,)]
+    assert "above float16's largest value 65504 in channel(s) 0: a half-precision export overflows" in found[0].message
+    assert "int8" not in found[0].message
+    under = f64_layer([1.0, 1.0], weight=[65504 * (1 + 1e-5) ** 0.5] * 2)
+    assert hits(under, "BN015") == []  # exactly 65504 after eps: not above
+
+
+def test_fold_risk_uses_eps_and_affine_false():
+    bn = layer(var=[1.0, 1.0, 0.0, 1.0], weight=None, bias=None)
+    assert [f.channels for f in hits(bn, "BN015")] == [(2,)]  # 1/sqrt(1e-5) = 316x
+    assert hits(bn, "BN015", Thresholds(eps=1e-3)) == []  # 1/sqrt(1e-3) = 31.6x
+
+
+def test_fold_risk_ignores_dead_invalid_and_default_layers():
+    dead = layer(var=[0.5, 1.5, 2.0, 0.9], weight=[0.0, 1e-9, 1.0, 1.0])  # tiny scales are BN005's, not a spread
+    assert hits(dead, "BN015") == []
+    broken = layer(var=[np.nan, -1.0, 2.0, 0.9])
+    assert hits(broken, "BN015") == []
+    assert hits(layer(mean=[0.0] * 4, var=[1.0] * 4), "BN015") == []
+
+
+def test_clean_sample_has_no_new_finding():
+    from conftest import SAMPLES
+
+    from bncli.audit import inspect_file
+
+    for name in ("model.pt", "model.safetensors"):
+        assert inspect_file(SAMPLES / name).findings == ()
+
+
 # --------------------------------------------------------------------------- selection
 
 
@@ -281,7 +432,7 @@ def test_select_and_ignore_accept_ids_names_case_and_commas():
 def test_unknown_rule_suggests_the_nearest():
     with pytest.raises(RuleSelectionError) as info:
         rule_by_key("dead-chanel")
-    assert info.value.message == "unknown rule 'dead-chanel'; did you mean dead-channel?"
+    assert info.value.message == "unknown rule 'dead-chanel'; did you mean dead-channel, default-channels?"
     with pytest.raises(RuleSelectionError) as info:
         rule_by_key("zzz")
     assert info.value.message.startswith("unknown rule 'zzz'; known rules: BN006, BN001")

@@ -60,7 +60,7 @@ def test_markdown_is_the_documentation_page(cli):
 def test_unknown_rule_is_a_usage_error_with_the_nearest_names(cli):
     result = cli("rules", "BN44")
     assert result.exit_code == 2
-    assert result.stderr.startswith("error: unknown rule 'BN44'; did you mean BN004")
+    assert result.stderr.startswith("error: unknown rule 'BN44'; did you mean BN014, BN004")
     assert result.stdout == ""
 
 

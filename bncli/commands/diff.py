@@ -14,17 +14,14 @@ from bncli.render import Format
 COMMAND = {
     "name": "diff",
     "epilog": "Examples:  bncli diff before.pt after.pt  ·  bncli diff a.pt b.safetensors --layer features.1  ·  "
-    "bncli diff base.pt finetuned.pt --fail-on-change  ·  bncli diff model.pt lightning.ckpt --strip-prefix-b model",
+    "bncli diff base.pt finetuned.pt --only 'backbone.*' --fail-on-change  ·  "
+    "bncli diff ckpt.pt ckpt.pt --state-a model --state-b model_ema  ·  bncli diff model.pt lightning.ckpt --strip-prefix-b model",
 }
 
 
-def exit_code(changed: tuple[str, ...], unchanged: tuple[str, ...], fail_on_change: bool, fail_if_unchanged: bool) -> ExitCode:
+def exit_code(report) -> ExitCode:
     """FINDINGS when a CI expectation is violated: something changed (frozen), or some layer did not (fine-tuned)."""
-    if fail_on_change and changed:
-        return ExitCode.FINDINGS
-    if fail_if_unchanged and (unchanged or not (changed or unchanged)):
-        return ExitCode.FINDINGS
-    return ExitCode.OK
+    return ExitCode.FINDINGS if report.failed else ExitCode.OK
 
 
 def run(
@@ -43,9 +40,25 @@ def run(
         float,
         typer.Option("--eps", callback=check_eps, help="Added to var_A in the mean shift, and to var_A and var_B in the KL."),
     ] = 1e-5,
+    only: Annotated[
+        Optional[list[str]],
+        typer.Option("--only", metavar="GLOB", help="Compare only the layers whose names match (repeatable), e.g. 'head.*'."),
+    ] = None,
+    exclude: Annotated[
+        Optional[list[str]],
+        typer.Option("--exclude", metavar="GLOB", help="Leave out the layers whose names match (repeatable)."),
+    ] = None,
+    atol: Annotated[
+        float, typer.Option("--atol", metavar="FLOAT", help="A value within atol + rtol * |A| of A's counts as unchanged.")
+    ] = 0.0,
+    rtol: Annotated[float, typer.Option("--rtol", metavar="FLOAT", help="The relative part of --atol's tolerance.")] = 0.0,
     state: Annotated[
         Optional[str], typer.Option("--state", help="Key of the state dict inside both checkpoints, e.g. 'ema'.")
     ] = None,
+    state_a: Annotated[
+        Optional[str], typer.Option("--state-a", help="The same for A only: diff ckpt.pt ckpt.pt --state-a model --state-b model_ema.")
+    ] = None,
+    state_b: Annotated[Optional[str], typer.Option("--state-b", help="The same for B only.")] = None,
     strip_prefix: Annotated[
         Optional[str],
         typer.Option("--strip-prefix", help="Remove a prefix every key of both files shares, e.g. 'model.' (Lightning)."),
@@ -62,29 +75,29 @@ def run(
     and a verdict: identical (every value equal), changed, or shape-changed.
     Other prefixes (Lightning's 'model.') are stripped only when asked: --strip-prefix for both files,
     --strip-prefix-a/-b for one; every key of that file must then start with the prefix.
+    --only/--exclude pick layers by name (globs); --atol/--rtol let float noise count as identical;
+    --state-a/--state-b compare two state dicts of one file (the model and its EMA).
     """
-    from bncli.cli import emit, stderr_console
-    from bncli.diff import diff_files
+    from bncli.console import emit, note
+    from bncli.diff import FAIL_IF_UNCHANGED, FAIL_ON_CHANGE, diff_files
     from bncli.render import renderer_for
 
     if fail_on_change and fail_if_unchanged:
         raise UsageError("--fail-on-change and --fail-if-unchanged cannot be used together")
+    gate = FAIL_ON_CHANGE if fail_on_change else FAIL_IF_UNCHANGED if fail_if_unchanged else None
     if strip_prefix is not None:
         if strip_prefix_a is not None or strip_prefix_b is not None:
             raise UsageError("--strip-prefix applies to both files: use it without --strip-prefix-a/--strip-prefix-b")
         strip_prefix_a = strip_prefix_b = strip_prefix
-    report = diff_files(a, b, layer=layer, eps=eps, state=state, strip_prefix_a=strip_prefix_a, strip_prefix_b=strip_prefix_b)
-    emit(renderer_for(fmt, "diff")(report))
-    code = exit_code(report.changed, report.unchanged, fail_on_change, fail_if_unchanged)
+    render = renderer_for(fmt, "diff")
+    report = diff_files(
+        a, b, layer=layer, eps=eps, state=state, state_a=state_a, state_b=state_b, strip_prefix_a=strip_prefix_a,
+        strip_prefix_b=strip_prefix_b, only=only or (), exclude=exclude or (), atol=atol, rtol=rtol, gate=gate,
+    )  # fmt: skip
+    emit(render(report))
+    code = exit_code(report)
     if code:
-        stderr_console().print(_why(report.changed if fail_on_change else report.unchanged, fail_on_change), markup=False)
+        from bncli.render.diff import gate_message
+
+        note(gate_message(report))
         raise typer.Exit(code)
-
-
-def _why(names: tuple[str, ...], fail_on_change: bool) -> str:
-    if not names:
-        return "--fail-if-unchanged: no BatchNorm layer is in both checkpoints"
-    shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
-    if fail_on_change:
-        return f"--fail-on-change: {len(names)} BatchNorm layer{'s' if len(names) != 1 else ''} changed: {shown}"
-    return f"--fail-if-unchanged: {len(names)} BatchNorm layer{'s' if len(names) != 1 else ''} unchanged: {shown}"

@@ -83,6 +83,10 @@ def run(
     dead_weight: Annotated[
         Optional[float], _threshold("--dead-weight", "BN005: |weight| below this is a dead channel.", "1e-3")
     ] = None,
+    max_fold_spread: Annotated[
+        Optional[float],
+        _threshold("--max-fold-spread", "BN015: a folded scale this many times the median is a risk. (default: 100)"),
+    ] = None,
     state: Annotated[
         Optional[str],
         typer.Option("--state", help="Key of the state dict inside the checkpoint, e.g. 'ema'.", show_default="found automatically"),
@@ -100,8 +104,8 @@ def run(
     Exit status: 3 if any input could not be read, else 1 if a finding reached --fail-on, else 0.
     """
     from bncli.audit import expand_inputs, inspect_files
-    from bncli.cli import emit, error_line, warn
     from bncli.config import load_config, resolve_inspect
+    from bncli.console import emit, error_line, warn
     from bncli.render import renderer_for
 
     config = load_config()
@@ -110,6 +114,7 @@ def run(
     options = {
         "format": fmt, "fail-on": fail_on, "select": select, "ignore": ignore, "require-bn": require_bn,
         "eps": eps, "min-var": min_var, "max-var": max_var, "max-mean": max_mean, "dead-weight": dead_weight,
+        "max-fold-spread": max_fold_spread,
     }  # fmt: skip
     settings = resolve_inspect(options, config)
     render = renderer_for(Format(settings.format), "inspect")  # before the audit: a bad format fails fast

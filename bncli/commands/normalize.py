@@ -71,7 +71,7 @@ def run(
     The output matches nn.BatchNorm2d's (to 1e-6 in float32). std is computed as torch.Tensor.std does (correction=1).
     In train mode the table also shows the running statistics after the update.
     """
-    from bncli.cli import emit, warn
+    from bncli.console import emit, warn
     from bncli.normalize import normalize
     from bncli.render import renderer_for
 

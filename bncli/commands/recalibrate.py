@@ -95,7 +95,7 @@ def run(
     the values that reached each layer, accumulated in float64. Under torchrun each process reads its own share
     of the batches and the statistics are merged before rank 0 writes. Prints the before/after diff.
     """
-    from bncli.cli import emit, warn
+    from bncli.console import emit, warn
     from bncli.recalibrate import recalibrate
     from bncli.render import renderer_for
 

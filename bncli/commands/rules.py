@@ -34,7 +34,7 @@ def run(
     import shutil
 
     from bncli import ruledoc
-    from bncli.cli import emit
+    from bncli.console import emit
     from bncli.rules import rule_by_key
 
     chosen = [rule_by_key(rule)] if rule is not None else None  # an unknown rule: exit 2 with the nearest names

@@ -9,8 +9,9 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from bncli.diff import CHANGED, IDENTICAL, SHAPE_CHANGED, DiffReport, LayerDiff
-from bncli.render.github import escape_data
+from bncli.console import md_code, md_text, no_command_lines, terminal, text
+from bncli.diff import CHANGED, FAIL_IF_UNCHANGED, FAIL_ON_CHANGE, IDENTICAL, SHAPE_CHANGED, DiffReport, LayerDiff
+from bncli.render.github import command
 from bncli.render.json import SCHEMA_VERSION, _dump
 from bncli.render.table import fmt
 
@@ -62,12 +63,31 @@ def summary_line(report: DiffReport) -> str:
     )
 
 
+def _side(path: str, state: str | None) -> str:
+    return path if state is None else f"{path} [{state}]"
+
+
+def _settings(report: DiffReport) -> str:
+    tolerance = f", atol={report.atol:g}, rtol={report.rtol:g}" if report.atol or report.rtol else ""
+    return f"eps={report.eps:g}{tolerance}"
+
+
 def title_line(report: DiffReport) -> str:
-    return f"A = {report.path_a}   B = {report.path_b}   (eps={report.eps:g})"
+    return f"A = {_side(report.path_a, report.state_a)}   B = {_side(report.path_b, report.state_b)}   ({_settings(report)})"
+
+
+def gate_message(report: DiffReport) -> str:
+    """The one line that says why a gate failed (stderr, and the ::error annotation)."""
+    names = report.violations
+    if not names:
+        return "--fail-if-unchanged: no BatchNorm layer is in both checkpoints"
+    shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+    what = "changed" if report.gate == FAIL_ON_CHANGE else "unchanged"
+    return f"--{report.gate}: {len(names)} BatchNorm layer{'s' if len(names) != 1 else ''} {what}: {shown}"
 
 
 def diff_table(report: DiffReport) -> RenderableType:
-    parts: list[RenderableType] = [Text(title_line(report), style="bold")]
+    parts: list[RenderableType] = [text(title_line(report), style="bold")]
     single = len(report.layers) == 1 and report.layers[0].channels is not None
     if report.layers:
         table = Table(show_edge=False, pad_edge=False, header_style="bold")
@@ -75,11 +95,11 @@ def diff_table(report: DiffReport) -> RenderableType:
             table.add_column(header, justify="left" if i in (0, 2) else "right", no_wrap=i != 0, overflow="fold")
         for layer in report.layers:
             cells = layer_cells(layer)
-            table.add_row(*cells[:2], Text(cells[2], style=VERDICT_STYLES[layer.verdict]), *cells[3:])
+            table.add_row(text(cells[0]), cells[1], Text(cells[2], style=VERDICT_STYLES[layer.verdict]), *cells[3:])
         parts.append(table)
     if single:
         layer = report.layers[0]
-        table = Table(title=f"layer {layer.name}, channel by channel", title_justify="left", show_edge=False,
+        table = Table(title=text(f"layer {layer.name}, channel by channel"), title_justify="left", show_edge=False,
                       pad_edge=False, header_style="bold")
         for header in CHANNEL_HEADERS:
             table.add_column(header, justify="right", no_wrap=True)
@@ -88,7 +108,7 @@ def diff_table(report: DiffReport) -> RenderableType:
         parts.append(table)
     for label, names in (("only in A", report.only_a), ("only in B", report.only_b)):
         if names:
-            parts.append(Text(f"{label}: {', '.join(names)}", style="red"))
+            parts.append(text(f"{label}: {', '.join(names)}", style="red"))
     parts.append(Text(summary_line(report)))
     parts.append(Text("mean shift = |mean_B - mean_A| / sqrt(var_A + eps); var ratio = var_B / var_A; "
                       "sym KL = KL(A||B) + KL(B||A) of N(mean, var + eps)", style="dim"))
@@ -105,9 +125,14 @@ def diff_payload(report: DiffReport) -> dict[str, Any]:
             entry["channels"] = [dataclasses.asdict(c) for c in layer.channels]
         layers.append(entry)
     return {
-        "a": {"path": report.path_a, "prefix": report.prefix_a},
-        "b": {"path": report.path_b, "prefix": report.prefix_b},
+        "a": {"path": report.path_a, "prefix": report.prefix_a, "container": report.container_a},
+        "b": {"path": report.path_b, "prefix": report.prefix_b, "container": report.container_b},
         "eps": report.eps,
+        "atol": report.atol,
+        "rtol": report.rtol,
+        "gate": None if report.gate is None else {
+            "option": report.gate, "failed": report.failed, "layers": list(report.violations),
+        },
         "layers": layers,
         "only_a": list(report.only_a),
         "only_b": list(report.only_b),
@@ -125,7 +150,8 @@ def diff_json(report: DiffReport) -> str:
 
 
 def _md_row(cells: list[str]) -> str:
-    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+    """Cells that bncli wrote (numbers, headers, verdicts) or that are already escaped (md_code)."""
+    return "| " + " | ".join(c.replace("|", "\\|") if not c.startswith("`") else c for c in cells) + " |"
 
 
 def _md_table(headers: tuple[str, ...], rows: list[list[str]], left: tuple[int, ...]) -> list[str]:
@@ -134,17 +160,19 @@ def _md_table(headers: tuple[str, ...], rows: list[list[str]], left: tuple[int, 
 
 
 def diff_markdown(report: DiffReport) -> str:
-    lines = [f"**BatchNorm diff**: A = `{report.path_a}`, B = `{report.path_b}` (eps={report.eps:g})", ""]
+    lines = [f"**BatchNorm diff**: A = {md_code(_side(report.path_a, report.state_a), False)}, "
+             f"B = {md_code(_side(report.path_b, report.state_b), False)} ({_settings(report)})", ""]
     if report.layers:
-        lines += _md_table(LAYER_HEADERS, [layer_cells(x) for x in report.layers], left=(0, 2))
+        rows = [[md_code(cells[0]), *cells[1:]] for cells in (layer_cells(x) for x in report.layers)]
+        lines += _md_table(LAYER_HEADERS, rows, left=(0, 2))
         lines.append("")
     if len(report.layers) == 1 and report.layers[0].channels is not None:
-        lines += [f"Layer `{report.layers[0].name}`, channel by channel:", ""]
+        lines += [f"Layer {md_code(report.layers[0].name, False)}, channel by channel:", ""]
         lines += _md_table(CHANNEL_HEADERS, channel_cells(report.layers[0]), left=(len(CHANNEL_HEADERS) - 1,))
         lines.append("")
     for label, names in (("Only in A", report.only_a), ("Only in B", report.only_b)):
         if names:
-            lines += [f"{label}: " + ", ".join(f"`{n}`" for n in names), ""]
+            lines += [f"{label}: " + ", ".join(md_code(n, False) for n in names), ""]
     lines.append(summary_line(report))
     return "\n".join(lines)
 
@@ -165,7 +193,7 @@ def recalibrate_lines(report) -> list[str]:
 
 
 def recalibrate_table(report) -> RenderableType:
-    return Group(*(Text(line) for line in recalibrate_lines(report)), diff_table(report.diff))
+    return Group(*(text(line) for line in recalibrate_lines(report)), diff_table(report.diff))
 
 
 def recalibrate_json(report) -> str:
@@ -188,25 +216,38 @@ def recalibrate_json(report) -> str:
 
 
 def recalibrate_markdown(report) -> str:
-    return "\n\n".join([*recalibrate_lines(report), diff_markdown(report.diff)])
+    return "\n\n".join([*(md_text(line) for line in recalibrate_lines(report)), diff_markdown(report.diff)])
 
 
 def diff_github(report: DiffReport) -> str:
-    """GitHub Actions annotations: one ::notice per layer that differs, then the summary."""
+    """GitHub Actions annotations on file B: one per layer that differs (and, with --fail-if-unchanged, per
+    identical layer); ::error where the layer violates the gate, ::notice otherwise; then the summary."""
+    violating = set(report.violations)
+    title = "bncli diff" if report.gate is None else f"bncli diff --{report.gate}"
+
+    def annotate(name: str, message: str) -> str:
+        level = "error" if name in violating else "notice"
+        return command(level, f"{name}: {message}", file=report.path_b, title=title)
+
     lines = []
     for layer in report.layers:
         if layer.verdict == IDENTICAL:
+            if report.gate == FAIL_IF_UNCHANGED:
+                lines.append(annotate(layer.name, "identical"))
             continue
         detail = f"{layer.num_features_a}→{layer.num_features_b} channels" if layer.verdict == SHAPE_CHANGED else (
             f"{len(layer.changed_channels)} of {layer.num_features_a} channels; max mean shift {fmt(layer.max_shift)}, "
             f"var ratio {fmt(layer.var_ratio_min)}..{fmt(layer.var_ratio_max)}, mean sym KL {fmt(layer.mean_kl)}"
         )
-        lines.append(f"::notice title=bncli diff::{escape_data(f'{layer.name}: {layer.verdict} ({detail})')}")
+        lines.append(annotate(layer.name, f"{layer.verdict} ({detail})"))
     for label, names in (("only in A", report.only_a), ("only in B", report.only_b)):
-        lines.extend(f"::notice title=bncli diff::{escape_data(f'{name}: {label}')}" for name in names)
+        lines.extend(annotate(name, label) for name in names)
+    if report.gate == FAIL_IF_UNCHANGED and not report.layers:
+        lines.append(command("error", gate_message(report), file=report.path_b, title=title))
     lines.append(summary_line(report))
     return "\n".join(lines)
 
 
 def recalibrate_github(report) -> str:
-    return "\n".join([*recalibrate_lines(report), diff_github(report.diff)])
+    plain = (no_command_lines(terminal(line)) for line in recalibrate_lines(report))  # lines, not commands
+    return "\n".join([*plain, diff_github(report.diff)])

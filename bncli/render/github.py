@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
+from bncli.console import escape_data, escape_property, workflow_data, workflow_property
 from bncli.render.common import summary_line
 from bncli.report import InspectReport, Severity
 
 LEVELS = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "notice"}
 
 
-def escape_data(text: str) -> str:
-    """The message part: GitHub decodes %25, %0D and %0A (see actions/toolkit, command.ts)."""
-    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-
-
-def escape_property(text: str) -> str:
-    """A property value (file=, title=): additionally ':' and ',' would end it."""
-    return escape_data(text).replace(":", "%3A").replace(",", "%2C")
+__all__ = ["escape_data", "escape_property", "command", "inspect_github"]
 
 
 def command(level: str, message: str, **properties: str) -> str:
-    props = ",".join(f"{k}={escape_property(v)}" for k, v in properties.items())
-    return f"::{level} {props}::{escape_data(message)}"
+    """One workflow command; the message and the properties may quote a file: bncli.console escapes them."""
+    props = ",".join(f"{k}={workflow_property(v)}" for k, v in properties.items())
+    return f"::{level} {props}::{workflow_data(message)}"
 
 
 def inspect_github(report: InspectReport) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bncli.console import md_code, md_text
 from bncli.render.common import finding_counts, fmt, provenance, summary_line
 from bncli.render.spark import var_spark, weight_spark
 from bncli.report import FileReport, InspectReport, Severity
@@ -10,12 +11,13 @@ ICONS = {Severity.ERROR: "❌ error", Severity.WARNING: "⚠️ warning", Severi
 
 
 def cell(text: str) -> str:
-    """Table-cell safe: a pipe would end the cell, a newline the row."""
-    return " ".join(text.replace("\\", "\\\\").replace("|", "\\|").split())
+    """Table-cell safe text (bncli.console.md_text): no markup from a name, no pipe ending the cell, one line."""
+    return md_text(text)
 
 
 def code(text: str) -> str:
-    return cell(text) if "`" in text else f"`{cell(text)}`"
+    """A name as a code span (bncli.console.md_code), safe in a table cell."""
+    return md_code(text)
 
 
 def inspect_markdown(report: InspectReport) -> str:
@@ -26,7 +28,7 @@ def inspect_markdown(report: InspectReport) -> str:
 
 
 def _file(file: FileReport) -> list[str]:
-    lines = [f"### {code(file.path)}", ""]
+    lines = [f"### {md_code(file.path, in_table=False)}", ""]
     if file.error is not None:
         return [*lines, f"**unreadable:** {cell(file.error)}"]
     lines.append(provenance(file, code, code))

@@ -7,6 +7,7 @@ from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderR
 from rich.table import Table
 from rich.text import Text
 
+from bncli.console import terminal, text
 from bncli.render.common import fmt, provenance, summary_line
 from bncli.render.spark import BLOCKS, var_spark, weight_spark
 from bncli.report import FileReport, InspectReport, NormalizeReport, Severity
@@ -24,9 +25,9 @@ def inspect_table(report: InspectReport) -> RenderableType:
 
 def _file_parts(file: FileReport) -> list[RenderableType]:
     if file.error is not None:
-        return [Text(f"unreadable: {file.error}", style="bold red")]
+        return [text(f"unreadable: {file.error}", style="bold red")]
     how = provenance(file, repr)
-    title = Text(f"{file.path} ({how})", style="bold")
+    title = text(f"{file.path} ({how})", style="bold")
     parts: list[RenderableType] = [title]
     if file.layers:
         single = file.layers[0].channels is not None
@@ -38,9 +39,9 @@ def _file_parts(file: FileReport) -> list[RenderableType]:
         line.append(f"{f.severity.value:<8}", style=STYLES[f.severity])
         line.append(f"{f.rule} {f.name} ")
         if f.layer is not None:
-            line.append(f.layer, style="bold")
+            line.append(terminal(f.layer), style="bold")
             line.append(": ")
-        line.append(f.message)
+        line.append(terminal(f.message))
         parts.append(line)
     return parts
 
@@ -100,7 +101,7 @@ def _layer_table(file: FileReport, spark: int = 16, means: bool = True, flags: b
         table.add_column("flags", overflow="fold")
     for layer in file.layers:
         m, v = layer.running_mean, layer.running_var
-        cells = [layer.name, str(layer.num_features), fmt(layer.num_batches_tracked)]
+        cells = [text(layer.name), str(layer.num_features), fmt(layer.num_batches_tracked)]
         cells += [fmt(x) for x in ((m.min, m.center, m.max) if means else ())]
         cells += [fmt(x) for x in (v.min, v.center, v.max, layer.weight_abs_min)]
         if spark and measuring:
@@ -117,7 +118,7 @@ def _channel_table(file: FileReport) -> Table:
     layer = file.layers[0]
     count = fmt(layer.num_batches_tracked)
     table = Table(
-        title=f"layer {layer.name}: {layer.num_features} channels, {layer.dtype}, num_batches_tracked={count}",
+        title=text(f"layer {layer.name}: {layer.num_features} channels, {layer.dtype}, num_batches_tracked={count}"),
         title_justify="left",
         show_edge=False,
         pad_edge=False,
@@ -159,4 +160,4 @@ def normalize_table(report: NormalizeReport) -> RenderableType:
     note = f"std with correction=1 (torch.Tensor.std); running statistics {after}"
     if report.output_path:
         note += f"; output written to {report.output_path}"
-    return Group(Text(title, style="bold"), table, Text(note, style="dim"))
+    return Group(text(title, style="bold"), table, text(note, style="dim"))
