@@ -85,7 +85,7 @@ def run(
     ] = None,
     max_fold_spread: Annotated[
         Optional[float],
-        _threshold("--max-fold-spread", "BN015: a folded scale this many times the median is a risk. (default: 100)"),
+        _threshold("--max-fold-spread", "BN015: a folded scale this many times the median is a risk.", "100"),
     ] = None,
     state: Annotated[
         Optional[str],
