@@ -52,7 +52,7 @@ def test_usage_lines_and_metavars(cli):
     recal = cli("recalibrate", "--help").stdout
     assert "-n, --num-samples N " in recal and "--model-kwargs JSON " in recal and "-d, --data PATH " in recal
     inspect = cli("inspect", "--help").stdout
-    assert "-f, --format [table|json|markdown|github]" in inspect
+    assert "-f, --format [table|json|markdown|github|sarif]" in inspect
     assert re.search(r"--eps FLOAT +The layers' eps in 1/sqrt\(var \+ eps\)\.\s+\[default: 1e-5\]", inspect)
 
 
@@ -65,7 +65,9 @@ def test_defaults_in_one_style_across_commands(cli):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("inspect", "x.pt", "--format", "jsn"), "'jsn' is not one of table, json, markdown, github."),
+        (("inspect", "x.pt", "--format", "jsn"), "'jsn' is not one of table, json, markdown, github, sarif."),
+        (("diff", "a.pt", "b.pt", "--format", "jsn"), "'jsn' is not one of table, json, markdown, github."),
+        (("normalize", "x.pt", "--format", "jsn"), "'jsn' is not one of table, json."),
         (("inspect", "x.pt", "--fail-on", "warn"), "'warn' is not one of error, warning, info, never."),
         (("inspect", "x.pt", "--max-var", "big"), "'big' is not a valid number."),
         (("inspect", "x.pt", "--eps", "١"), "'١' is not a valid number."),  # an Arabic-Indic digit

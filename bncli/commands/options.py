@@ -15,6 +15,15 @@ def format_option(command: str, help: str = "Output format.", default: str | Non
     """--format/-f with only the formats this command can write in its help (`[table|json]` for normalize)."""
     from bncli.render import RENDERERS, Format
 
-    offered = "|".join(f.value for f in Format if (command, f) in RENDERERS)
+    offered = [f.value for f in Format if (command, f) in RENDERERS]
+
+    def parse(value):
+        if isinstance(value, Format):
+            return value
+        try:
+            return Format(value)  # a format another command has: renderer_for says which this one offers
+        except ValueError:
+            raise typer.BadParameter(f"{str(value)!r} is not one of {', '.join(offered)}.") from None
+
     extra = {"show_default": default} if default is not None else {}
-    return typer.Option("--format", "-f", help=help, metavar=f"[{offered}]", **extra)
+    return typer.Option("--format", "-f", help=help, metavar=f"[{'|'.join(offered)}]", parser=parse, **extra)

@@ -14,6 +14,7 @@ class Format(str, enum.Enum):
     JSON = "json"
     MARKDOWN = "markdown"
     GITHUB = "github"
+    SARIF = "sarif"
 
 
 class UnsupportedFormat(UsageError):
@@ -27,6 +28,7 @@ RENDERERS = {
     ("inspect", Format.JSON): "json:inspect_json",
     ("inspect", Format.MARKDOWN): "markdown:inspect_markdown",
     ("inspect", Format.GITHUB): "github:inspect_github",
+    ("inspect", Format.SARIF): "sarif:inspect_sarif",
     ("normalize", Format.TABLE): "table:normalize_table",
     ("normalize", Format.JSON): "json:normalize_json",
     ("diff", Format.TABLE): "diff:diff_table",
