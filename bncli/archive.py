@@ -13,6 +13,7 @@ from typing import Any
 from bncli.budget import MAX_HEADER_BYTES as MAX_SAFETENSORS_HEADER
 from bncli.budget import human, max_load_bytes  # noqa: F401 - re-exported for the readers
 from bncli.errors import InputError, first_line
+from bncli.formats.zipdir import TorchZip, ZipRecord, read_zip_directory  # noqa: F401 - re-exported
 
 # safetensors dtype codes -> (the name torch uses, bytes per element); bncli reports the torch name.
 SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
@@ -43,84 +44,18 @@ def show(path: str | os.PathLike) -> str:
 # --------------------------------------------------------------------------- torch zip archives
 
 
-@dataclass(frozen=True)
-class ZipRecord:
-    """One stored entry of a torch zip archive: its bytes are file[data_offset : data_offset + size]."""
-
-    name: str  # full name inside the archive, e.g. "model/data/0"
-    header_offset: int
-    data_offset: int
-    size: int
-    crc: int
-
-
-@dataclass(frozen=True)
-class TorchZip:
-    """A torch zip archive that passed check_torch_zip; `root` is the folder every record sits in."""
-
-    root: str
-    records: dict[str, ZipRecord]  # by name without the root folder: "data.pkl", "data/0", ...
-
-    def storage(self, key: str) -> ZipRecord | None:
-        return self.records.get(f"data/{key}")
-
-
 def check_torch_zip(path: Path, *, verify_crc: bool = True) -> TorchZip:
     """Check a torch zip archive without inflating or mapping anything; raise InputError on the first problem.
 
-    Every record must be stored uncompressed (as torch writes them), start with a valid local header, lie inside
-    the file without overlapping another, and (with verify_crc) match its CRC-32, so that a mapped tensor can never
-    read bytes that belong elsewhere. The pickle (data.pkl) must fit the in-memory cap.
+    The directory is read with torch's rules (bncli/formats/zipdir.py): every record stored uncompressed, as torch
+    writes them, at the data offset torch's own reader reports, inside the file, without overlap, prefix, gap or a
+    local header that disagrees, so that bncli and torch.load see the same archive; with verify_crc, every record
+    must also match its CRC-32, so that a mapped tensor can never read damaged bytes. The pickle (data.pkl) must fit
+    the in-memory cap.
     """
-    import zipfile
-
+    archive = read_zip_directory(path)
     p = show(path)
-    size = path.stat().st_size
-    try:
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-            cd_start = zf.start_dir
-    except Exception as exc:  # noqa: BLE001 - zipfile raises many types (even NotImplementedError) on damage
-        raise InputError(f"{p}: corrupt zip archive ({first_line(exc)})") from None
-    if not infos:
-        raise InputError(f"{p}: empty zip archive")
-    root = infos[0].filename.split("/", 1)[0]
-    records: dict[str, ZipRecord] = {}
-    spans: list[tuple[int, int, str]] = []
-    with path.open("rb") as fh:
-        for info in infos:
-            name = info.filename
-            if not name.startswith(root + "/"):
-                raise InputError(f"{p}: corrupt torch archive: record {name!r} is outside the folder {root!r}")
-            short = name[len(root) + 1 :]
-            if short in records:
-                raise InputError(f"{p}: corrupt torch archive: two records named {name!r}")
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise InputError(
-                    f"{p}: record {name!r} is compressed; torch stores records uncompressed, "
-                    "so this archive was not written by torch.save (or was re-zipped)"
-                )
-            if info.file_size != info.compress_size:
-                raise InputError(f"{p}: corrupt zip archive: record {name!r} declares two different sizes")
-            fh.seek(info.header_offset)
-            local = fh.read(30)
-            if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                raise InputError(f"{p}: corrupt zip archive: no local header for record {name!r} at offset {info.header_offset}")
-            name_len, extra_len = struct.unpack("<HH", local[26:30])
-            data_offset = info.header_offset + 30 + name_len + extra_len
-            end = data_offset + info.compress_size
-            if end > cd_start or end > size:
-                raise InputError(
-                    f"{p}: truncated or corrupt: record {name!r} declares {human(info.compress_size)} "
-                    f"but the file has only {human(size)}"
-                )
-            records[short] = ZipRecord(name, info.header_offset, data_offset, info.compress_size, info.CRC)
-            spans.append((info.header_offset, end, name))
-    spans.sort()
-    for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
-        if start < end:
-            raise InputError(f"{p}: corrupt zip archive: records {a!r} and {b!r} overlap")
-    pkl = records.get("data.pkl")
+    pkl = archive.records.get("data.pkl")
     if pkl is None:
         raise InputError(f"{p}: not a checkpoint bncli can read (looks like: zip archive without data.pkl)")
     cap = max_load_bytes()
@@ -128,9 +63,9 @@ def check_torch_zip(path: Path, *, verify_crc: bool = True) -> TorchZip:
         raise InputError(f"{p}: its pickle (data.pkl) is {human(pkl.size)}, above the {human(cap)} limit (BNCLI_MAX_LOAD_BYTES)")
     if verify_crc:
         with path.open("rb") as fh:
-            for record in records.values():
+            for record in archive.records.values():
                 verify_record_crc(path, record, fh)
-    return TorchZip(root, records)
+    return archive
 
 
 def verify_record_crc(path: Path, record: ZipRecord, fh=None) -> None:

@@ -22,6 +22,11 @@ AMPLIFICATION_FACTOR = 2
 MAX_HEADER_BYTES = 100_000_000
 # Entries of one safetensors header, records of one zip archive: real checkpoints hold thousands.
 MAX_ENTRIES = 200_000
+# A zip archive's central directory is read whole: 200,000 entries with long names fit in far less.
+MAX_ZIP_DIRECTORY_BYTES = 100_000_000
+# torch lists record names through a 512-byte buffer (miniz's MZ_ZIP_MAX_ARCHIVE_FILENAME_SIZE): a longer name would
+# be cut short there and read whole elsewhere.
+MAX_ZIP_NAME_BYTES = 511
 # Opcodes of one pickle: each is at least one byte, and a real state dict needs a few per tensor.
 MAX_PICKLE_OPS = 50_000_000
 # Items reachable from one container built from memo references, counted with repeats (a tuple DAG whose

@@ -17,7 +17,7 @@ KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "select": ((list, str), "a list of rule ids or names"),
     "ignore": ((list, str), "a list of rule ids or names"),
     "require-bn": ((bool,), "true or false"),
-    "eps": ((int, float), "a number > 0"),
+    "eps": ((int, float), "a number >= 0"),
     "min-var": ((int, float), "a number >= 0"),
     "max-var": ((int, float), "a number > 0"),
     "max-mean": ((int, float), "a number > 0"),
@@ -25,7 +25,7 @@ KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "max-fold-spread": ((int, float), "a number > 0"),
 }
 FAIL_ON = ("error", "warning", "info", "never")
-_POSITIVE = {"eps", "max-var", "max-mean", "max-fold-spread"}
+_POSITIVE = {"max-var", "max-mean", "max-fold-spread"}
 
 
 class ConfigError(UsageError):
@@ -136,7 +136,7 @@ def resolve_inspect(options: dict[str, Any], config: Config) -> InspectSettings:
         value, source = pick(name, getattr(defaults, attr))
         if value is not None:
             value = float(value)
-            if not (value > 0 if name in _POSITIVE else value >= 0):
+            if not (value > 0 if name in _POSITIVE else value >= 0) or (name == "eps" and value == float("inf")):
                 raise ConfigError(f"{source}: must be {KEYS[name][1]}; got {value:g}")
         numbers[attr] = value
 

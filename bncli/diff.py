@@ -30,7 +30,7 @@ class ChannelDiff:
     var_a: float
     var_b: float
     shift: float
-    var_ratio: float  # var_B / var_A
+    var_ratio: float  # var_B / var_A; 1 for equal variances, NaN for a NaN or negative one
     kl: float
     weight_change: float | None  # weight_B - weight_A; None when a side has no weight
     bias_change: float | None
@@ -47,7 +47,7 @@ class LayerDiff:
     num_features_b: int
     changed_channels: tuple[int, ...]
     max_shift: float | None
-    var_ratio_min: float | None
+    var_ratio_min: float | None  # over the channels where both variances are positive (NaN: a broken channel)
     var_ratio_max: float | None
     mean_kl: float | None
     batches_a: int | None
@@ -55,6 +55,7 @@ class LayerDiff:
     weight_max_change: float | None  # max |weight_B - weight_A|
     bias_max_change: float | None
     channels: tuple[ChannelDiff, ...] | None = None  # filled only for --layer
+    zero_var_channels: int | None = None  # channels whose running_var is 0 in A or in B; None when shape-changed
 
     @property
     def batches_change(self) -> int | None:
@@ -273,10 +274,8 @@ def compare_layer(
     f64 = np.float64
     ma, mb = a.running_mean.astype(f64), b.running_mean.astype(f64)
     va, vb = a.running_var.astype(f64), b.running_var.astype(f64)
-    with np.errstate(all="ignore"):  # NaN, negative or zero variances give nan/inf, shown as such
-        shift = np.abs(mb - ma) / np.sqrt(va + eps)
-        ratio = vb / va
-        kl = symmetric_kl(ma, va + eps, mb, vb + eps)
+    with np.errstate(all="ignore"):
+        shift, ratio, kl = channel_metrics(ma, va, mb, vb, eps)
         dw = _delta(a.weight, b.weight)
         db = _delta(a.bias, b.bias)
         changed = ~(_same(ma, mb, atol, rtol) & _same(va, vb, atol, rtol))
@@ -284,6 +283,8 @@ def compare_layer(
             changed |= ~_same(a.weight.astype(f64), b.weight.astype(f64), atol, rtol)
         if db is not None:
             changed |= ~_same(a.bias.astype(f64), b.bias.astype(f64), atol, rtol)
+    positive = (va > 0) & (vb > 0)
+    broken = _broken(va) | _broken(vb)
     # Values, not dtypes: a lossless cast is not an update of the statistics.
     identical = not changed.any() and a.num_batches_tracked == b.num_batches_tracked
     channels = None
@@ -308,8 +309,11 @@ def compare_layer(
         verdict=IDENTICAL if identical else CHANGED,
         changed_channels=tuple(int(i) for i in np.flatnonzero(changed)),
         max_shift=_reduce(shift, np.max),
-        var_ratio_min=_reduce(ratio, np.min),
-        var_ratio_max=_reduce(ratio, np.max),
+        # The range over the channels where both variances are positive: a zero variance (a dead or pruned
+        # channel) has no ratio worth a range and is counted instead; a NaN or negative one still shows as NaN.
+        var_ratio_min=_reduce(np.where(broken, np.nan, ratio)[positive | broken], np.min),
+        var_ratio_max=_reduce(np.where(broken, np.nan, ratio)[positive | broken], np.max),
+        zero_var_channels=int(np.count_nonzero((va == 0) | (vb == 0))),
         mean_kl=_reduce(kl, np.mean),
         weight_max_change=None if dw is None else _reduce(np.abs(dw), np.max),
         bias_max_change=None if db is None else _reduce(np.abs(db), np.max),
@@ -318,13 +322,43 @@ def compare_layer(
     )
 
 
+def channel_metrics(ma, va, mb, vb, eps: float):
+    """Per channel (float64 arrays): the mean shift, the variance ratio and the symmetric KL.
+
+    A NaN or negative variance is no variance at all: every metric that uses it is NaN. Equal values are never
+    NaN: equal means shift 0, equal variances (0 and Inf included) have ratio 1, equal (mean, variance) have KL 0.
+    A zero variance has ratio 0 or Inf against a positive one, and the KL of N(mean, eps); with eps 0 it is a point
+    mass, whose KL against anything else is Inf.
+    """
+    import numpy as np
+
+    bad_a, bad_b = _broken(va), _broken(vb)
+    same_mean = ma == mb
+    shift = np.where(same_mean, 0.0, np.abs(mb - ma) / np.sqrt(va + eps))
+    shift = np.where(bad_a | np.isnan(ma) | np.isnan(mb), np.nan, shift)
+    ratio = np.where(va == vb, 1.0, vb / va)
+    ratio = np.where(bad_a | bad_b, np.nan, ratio)
+    kl = symmetric_kl(ma, va + eps, mb, vb + eps)
+    kl = np.where(same_mean & (va == vb), 0.0, kl)
+    kl = np.where(bad_a | bad_b, np.nan, kl)
+    return shift, ratio, kl
+
+
+def _broken(var):
+    import numpy as np
+
+    return np.isnan(var) | (var < 0)
+
+
 def symmetric_kl(mean_a, var_a, mean_b, var_b):
-    """KL(A||B) + KL(B||A) between N(mean_a, var_a) and N(mean_b, var_b), elementwise; the log terms cancel."""
+    """KL(A||B) + KL(B||A) between N(mean_a, var_a) and N(mean_b, var_b), elementwise; the log terms cancel.
+    A variance of 0 is a point mass: Inf against any other distribution; a negative one is NaN."""
     import numpy as np
 
     d2 = (mean_a - mean_b) ** 2
     kl = 0.5 * (var_a / var_b + var_b / var_a - 2.0) + 0.5 * d2 * (1.0 / var_a + 1.0 / var_b)
-    return np.where((var_a > 0) & (var_b > 0), kl, np.nan)  # no Gaussian has a variance <= 0
+    kl = np.where((var_a == 0) | (var_b == 0), np.inf, kl)
+    return np.where((var_a < 0) | (var_b < 0), np.nan, kl)  # no Gaussian has a negative variance
 
 
 def _same(x, y, atol: float = 0.0, rtol: float = 0.0):

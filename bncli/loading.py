@@ -112,13 +112,10 @@ def _check_readable(path: Path) -> int:
 
 
 def _sniff_zip(path: Path) -> str:
-    import zipfile
+    from bncli.formats.zipdir import list_zip
 
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-    except Exception as exc:  # noqa: BLE001 - zipfile raises many types (even NotImplementedError) on damage
-        raise InputError(f"{show(path)}: corrupt zip archive ({first_line(exc)})") from None
+    # Read with torch's rules, refusing any layout that two zip readers could read apart (bncli/formats/zipdir.py).
+    names = [m.name for m in list_zip(path).members]
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
         raise UnsafeFileError(
             f"{show(path)}: a TorchScript archive; bncli never runs TorchScript code. "
@@ -580,24 +577,58 @@ def load_tensor(path: str | os.PathLike, key: str | None = None):
 
 
 def _load_npz(path: Path, key: str | None):
-    import zipfile
-
     import numpy as np
 
+    from bncli.budget import Budget
+    from bncli.formats.zipdir import list_zip
+
     p = show(path)
+    # The archive passed the same no-prefix, no-gap structure checks as a torch zip (in sniff), so numpy's zipfile
+    # reads the members bncli checked. Compressed members can declare far more than the file holds: each is refused
+    # above a proportionate inflation, and all together above the in-memory cap, before anything is inflated.
+    members = list_zip(path).members
+    declared = 0
+    for m in members:
+        Budget.check_ratio(p, m.size, m.compressed_size, f"member {m.name!r}")
+        declared += m.size
+    if declared > max_load_bytes():
+        raise InputError(f"{p}: declares {human(declared)} of arrays, above the limit (BNCLI_MAX_LOAD_BYTES)")
     try:
-        with zipfile.ZipFile(path) as zf:
-            declared = sum(i.file_size for i in zf.infolist())
-        if declared > max_load_bytes():
-            # Compressed members can declare far more than the file holds: refuse before inflating anything.
-            raise InputError(f"{p}: declares {human(declared)} of arrays, above the limit (BNCLI_MAX_LOAD_BYTES)")
         with np.load(path, allow_pickle=False) as z:
             name = _choose_key(path, list(z.files), key)
+            member = next(m for m in members if m.name == name + ".npy")
+            _check_npy_header(path, member)
             return _numpy_to_torch(path, z[name]), name
     except BncliError:
         raise
     except Exception as exc:  # noqa: BLE001 - zipfile, zlib and numpy each raise their own types for damage
         raise InputError(f"{p}: corrupt .npz file ({first_line(exc)})") from None
+
+
+def _check_npy_header(path: Path, member) -> None:
+    """A member's .npy header must declare exactly the bytes the member holds: numpy allocates what it declares."""
+    import io
+    import zlib
+
+    import numpy as np
+
+    with path.open("rb") as fh:
+        fh.seek(member.data_offset)
+        raw = fh.read(min(member.compressed_size, 1 << 16))
+    head = zlib.decompressobj(-15).decompress(raw, 1 << 16) if member.method == 8 else raw
+    buf = io.BytesIO(head)
+    version = np.lib.format.read_magic(buf)
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = reader(buf, max_header_size=1 << 16)
+    count = 1
+    for d in shape:
+        count *= d
+    declared = buf.tell() + count * dtype.itemsize
+    if declared != member.size:
+        raise InputError(
+            f"{show(path)}: corrupt .npz file: member {member.name!r} declares an array of {human(declared)} "
+            f"but holds {human(member.size)}"
+        )
 
 
 def _choose_key(path: Path, keys: list[str], key: str | None) -> str:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bncli.errors import InputError, ShapeError
+from bncli.errors import InputError, ShapeError, UsageError
 from bncli.report import ChannelStats, NormalizeReport
 
 if TYPE_CHECKING:
@@ -91,6 +91,23 @@ def check_train_batch(x: torch.Tensor, source: str) -> None:
         )
 
 
+def check_zero_variance(num_features: int, state, source: str) -> None:
+    """Eval mode with eps 0: a zero running_var divides by zero. Refuse it, naming the channels, rather than print
+    inf (a fresh layer's running_var is 1)."""
+    if state is None:
+        return
+    import numpy as np
+
+    channels = tuple(int(i) for i in np.flatnonzero(state.running_var == 0))
+    if channels:
+        from bncli.rules import _show
+
+        raise InputError(
+            f"{source}: with --eps 0, running_var is 0 in channel(s) {_show(channels)} of the layer: normalizing would "
+            "divide by zero; pass an eps > 0 (PyTorch's default is 1e-5)"
+        )
+
+
 def build_layer(num_features: int, *, eps: float, momentum: float | None, affine: bool, state=None):
     """An nn.BatchNorm2d with the given parameters and, from a checkpoint layer, its values."""
     import torch
@@ -133,6 +150,11 @@ def normalize(
         raise InputError(f"{output}: unsupported output suffix; use one of {', '.join(OUTPUT_SUFFIXES)}")
     if (checkpoint is None) != (layer is None):
         raise InputError("--checkpoint and --layer go together: name the file and the layer in it")
+    if eps == 0 and mode == "train":
+        raise UsageError(
+            "--eps 0 works in eval mode only: torch's batch_norm refuses eps 0 in training (FrozenBatchNorm2d layers, "
+            "which use it, are never trained); use --mode eval or an eps > 0"
+        )
 
     raw, key_used = load_tensor(input_path, key)
     source = f"{input_path}" + (f"[{key_used}]" if key_used else "")
@@ -155,6 +177,8 @@ def normalize(
             )
     if mode == "train":
         check_train_batch(x, source)
+    if eps == 0:
+        check_zero_variance(x.shape[1], state, source)
 
     # float64 inputs get a float64 layer; float16/bfloat16 inputs keep float32 parameters, as under autocast.
     param_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -8,16 +8,19 @@ import zlib
 
 
 def zip_records(data: bytes) -> dict[str, dict[str, int]]:
-    """name -> offsets of its local header, data, and central-directory entry, read from the raw bytes."""
+    """name -> offsets of its local header, data, central-directory entry and data descriptor (None without one)."""
     out: dict[str, dict[str, int]] = {}
     pos = data.find(b"PK\x01\x02")
     while pos != -1:
+        (flags,) = struct.unpack_from("<H", data, pos + 8)
         (size,) = struct.unpack_from("<I", data, pos + 20)
         name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, pos + 28)
         (local,) = struct.unpack_from("<I", data, pos + 42)
         name = data[pos + 46 : pos + 46 + name_len].decode()
         lname, lextra = struct.unpack_from("<HH", data, local + 26)
-        out[name] = {"central": pos, "local": local, "data": local + 30 + lname + lextra, "size": size}
+        start = local + 30 + lname + lextra
+        descriptor = start + size if flags & 0x08 else None  # torch.save writes one after every record
+        out[name] = {"central": pos, "local": local, "data": start, "size": size, "descriptor": descriptor}
         pos = data.find(b"PK\x01\x02", pos + 46 + name_len + extra_len + comment_len)
     return out
 
@@ -32,6 +35,8 @@ def fix_crc(data: bytearray, suffix: str) -> bytearray:
     crc = zlib.crc32(bytes(data[r["data"] : r["data"] + r["size"]]))
     struct.pack_into("<I", data, r["local"] + 14, crc)
     struct.pack_into("<I", data, r["central"] + 16, crc)
+    if r["descriptor"] is not None:
+        struct.pack_into("<I", data, r["descriptor"] + 4, crc)
     return data
 
 

@@ -42,7 +42,7 @@ def test_values_are_read_with_dashes_or_underscores(tmp_path):
     "text, message",
     [
         ("[tool.bncli]\nfail-onn = 'x'\n", "unknown key 'fail-onn' in [tool.bncli]; known keys: fail-on, format, select"),
-        ("[tool.bncli]\neps = 'small'\n", "[tool.bncli] eps must be a number > 0; got 'small'"),
+        ("[tool.bncli]\neps = 'small'\n", "[tool.bncli] eps must be a number >= 0; got 'small'"),
         ("[tool.bncli]\nrequire-bn = 1\n", "[tool.bncli] require-bn must be true or false; got 1"),
         ("[tool.bncli]\nmax-var = true\n", "[tool.bncli] max-var must be a number > 0; got True"),
         ("[tool.bncli]\nignore = [5]\n", "[tool.bncli] ignore must be a list of rule ids or names; got [5]"),
@@ -76,10 +76,11 @@ def test_bad_threshold_names_its_source(tmp_path):
     with pytest.raises(ConfigError) as info:
         resolve_inspect({"max-var": -1.0}, Config())
     assert info.value.message == "--max-var: must be a number > 0; got -1"
-    cfg = Config(tmp_path / "pyproject.toml", {"eps": 0})
+    cfg = Config(tmp_path / "pyproject.toml", {"eps": -0.001})
     with pytest.raises(ConfigError) as info:
         resolve_inspect({}, cfg)
-    assert info.value.message == f"{tmp_path / 'pyproject.toml'} [tool.bncli] eps: must be a number > 0; got 0"
+    assert info.value.message == f"{tmp_path / 'pyproject.toml'} [tool.bncli] eps: must be a number >= 0; got -0.001"
+    assert resolve_inspect({}, Config(tmp_path / "pyproject.toml", {"eps": 0})).thresholds.eps == 0.0  # FrozenBatchNorm2d
     with pytest.raises(ConfigError) as info:
         resolve_inspect({}, Config(tmp_path / "pyproject.toml", {"fail-on": "warnings"}))
     assert info.value.message.endswith("[tool.bncli] fail-on: 'warnings' is not one of error, warning, info, never")

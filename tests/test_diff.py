@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 
 import pytest
@@ -122,6 +123,86 @@ def test_nan_stays_visible_and_unchanged_nan_is_not_a_change(make_ckpt):
     assert layer.changed_channels == (4,)
     assert layer.var_ratio_max != layer.var_ratio_max  # nan: channel 2 is broken in both
     assert layer.channels[4].kl != layer.channels[4].kl  # no Gaussian has a negative variance
+
+
+def test_zero_variance_channels_are_counted_not_nan(cli, make_ckpt):
+    """A dead or pruned channel (running_var == 0 in both files) leaves an identical layer without a NaN."""
+    a_sd = two_layers()
+    a_sd["features.1.running_var"][[1, 4]] = 0.0
+    b_sd = OrderedDict((k, v.clone()) for k, v in a_sd.items())
+    a, b = make_ckpt(a_sd, "a.pt"), make_ckpt(b_sd, "b.pt")
+    same = diff_files(a, b, layer="features.1").layers[0]
+    assert same.verdict == "identical" and same.zero_var_channels == 2
+    assert (same.max_shift, same.var_ratio_min, same.var_ratio_max, same.mean_kl) == (0.0, 1.0, 1.0, 0.0)
+    assert [c.var_ratio for c in same.channels] == [1.0] * 6 and [c.kl for c in same.channels] == [0.0] * 6
+    for eps in ("1e-5", "0"):  # with eps 0 the channel is a point mass, and still equal to itself
+        table = cli("diff", a, b, "--eps", eps)
+        assert table.exit_code == 0, table
+        assert "nan" not in table.stdout and "zero var = channels with var 0 in A or B" in table.stdout
+        row = next(line for line in table.stdout.splitlines() if line.startswith("features.1"))
+        assert row.split("│")[6].strip() == "2"  # the zero var column
+        md = cli("diff", a, b, "--eps", eps, "--format", "markdown").stdout
+        assert "| zero var |" in md and "| `features.1` | 6 | identical | 0 | 1 | 1 | 2 | 0 | +0 | 0 | 0 |" in md
+    # Now B changes: channel 0 drops to zero variance, channel 2 is doubled; channels 1 and 4 stay at zero.
+    b_sd["features.1.running_var"][0] = 0.0
+    b_sd["features.1.running_var"][2] *= 2.0
+    va, vb = a_sd["features.1.running_var"].double(), b_sd["features.1.running_var"].double()
+    changed = diff_files(a, make_ckpt(b_sd, "b2.pt"), layer="features.1").layers[0]
+    assert changed.zero_var_channels == 3
+    both_positive = (va > 0) & (vb > 0)
+    assert changed.var_ratio_max == pytest.approx((vb / va)[both_positive].max().item(), rel=1e-12)
+    assert changed.var_ratio_max == pytest.approx(2.0)
+    assert changed.var_ratio_min == 1.0
+    assert changed.channels[0].var_ratio == 0.0  # 0 / positive: a number, not NaN
+    # The KL against N(m, 0 + eps), the variance BatchNorm divides by, from torch.distributions.
+    eps = 1e-5
+    pa = torch.distributions.Normal(a_sd["features.1.running_mean"].double(), (va + eps).sqrt())
+    pb = torch.distributions.Normal(b_sd["features.1.running_mean"].double(), (vb + eps).sqrt())
+    kl = torch.distributions.kl_divergence(pa, pb) + torch.distributions.kl_divergence(pb, pa)
+    assert [c.kl for c in changed.channels] == pytest.approx(kl.tolist(), rel=1e-9)
+    point = diff_files(a, make_ckpt(b_sd, "b2.pt"), layer="features.1", eps=0.0).layers[0]
+    assert point.channels[0].kl == float("inf") and point.channels[1].kl == 0.0  # a point mass vs a Gaussian; vs itself
+    assert point.mean_kl == float("inf")
+
+
+def test_no_zero_variance_no_column(cli, make_ckpt):
+    a = make_ckpt(two_layers(), "a.pt")
+    table = cli("diff", a, a)
+    assert "zero var" not in table.stdout and "zero\n" not in table.stdout and diff_files(a, a).layers[0].zero_var_channels == 0
+
+
+@pytest.mark.parametrize("negative", [-5e-6, -0.5])
+def test_negative_variance_gives_no_kl_and_no_ratio(make_ckpt, negative):
+    """A negative running_var (inspect's BN002) is no variance: NaN, even when var + eps is positive."""
+    a_sd = two_layers()
+    b_sd = OrderedDict((k, v.clone()) for k, v in a_sd.items())
+    b_sd["features.1.running_var"][3] = negative
+    layer = diff_files(make_ckpt(a_sd, "a.pt"), make_ckpt(b_sd, "b.pt"), layer="features.1").layers[0]
+    ch = layer.channels[3]
+    assert math.isnan(ch.kl) and math.isnan(ch.var_ratio) and ch.shift == 0.0  # the mean did not move
+    assert math.isnan(layer.mean_kl) and math.isnan(layer.var_ratio_min) and math.isnan(layer.var_ratio_max)
+    assert layer.zero_var_channels == 0
+    assert all(math.isfinite(c.kl) for i, c in enumerate(layer.channels) if i != 3)
+    # On A's side the shift has no std to be measured in either.
+    back = diff_files(make_ckpt(b_sd, "b.pt"), make_ckpt(a_sd, "a.pt"), layer="features.1").layers[0]
+    assert math.isnan(back.channels[3].shift) and math.isnan(back.max_shift)
+
+
+def test_json_says_which_non_finite(cli, make_ckpt):
+    a_sd = two_layers()
+    a_sd["features.1.running_var"][1] = 0.0
+    b_sd = OrderedDict((k, v.clone()) for k, v in a_sd.items())
+    b_sd["features.1.running_var"][[1, 3]] = torch.tensor([2.0, -0.5])  # 0 -> 2: KL Inf with eps 0; negative: NaN
+    a, b = make_ckpt(a_sd, "a.pt"), make_ckpt(b_sd, "b.pt")
+    result = cli("diff", a, b, "--eps", "0", "--layer", "features.1", "--format", "json")
+    assert result.exit_code == 0, result
+    (layer,) = json.loads(result.stdout)["layers"]
+    assert layer["mean_kl"] is None and layer["non_finite"] == {"var_ratio_min": "nan", "var_ratio_max": "nan",
+                                                                 "mean_kl": "nan"}
+    ch1, ch3 = layer["channels"][1], layer["channels"][3]
+    assert ch1["kl"] is None and ch1["var_ratio"] is None and ch1["non_finite"] == {"var_ratio": "inf", "kl": "inf"}
+    assert ch3["non_finite"] == {"var_ratio": "nan", "kl": "nan"}
+    assert "non_finite" not in layer["channels"][0]
 
 
 def test_both_flags_is_a_usage_error(cli):

@@ -44,11 +44,11 @@ def test_one_unreadable_input_is_reported_and_the_others_audited(cli, tmp_path):
     broken.write_bytes(b"PK\x03\x04 not really a zip")
     result = cli("inspect", CLEAN, broken, DEFECTS, "--format", "json", "--fail-on", "never")
     assert result.exit_code == 3
-    assert result.stderr.startswith(f"error: {broken}: corrupt zip archive")
+    assert result.stderr.startswith(f"error: {broken}: truncated: the file ends before its zip directory")
     assert result.stderr.count("\n") == 1
     payload = json.loads(result.stdout)
     assert [f["path"] for f in payload["files"]] == [str(CLEAN), str(broken), str(DEFECTS)]
-    assert payload["files"][1]["error"].startswith(f"{broken}: corrupt zip archive")
+    assert payload["files"][1]["error"].startswith(f"{broken}: truncated: the file ends before its zip directory")
     assert rules_of(result.stdout, 2) == ["BN003", "BN001", "BN004", "BN015", "BN002", "BN005"]
 
 

@@ -196,3 +196,47 @@ def test_stdout_errors(tmp_path):
     head = subprocess.run(f"{sys.executable} -m bncli inspect {SAMPLES / 'model_defects.pt'} --layer features.9 | head -1",
                           shell=True, cwd=ROOT, capture_output=True, text=True, executable="/bin/bash")
     assert head.stdout.startswith(str(SAMPLES / "model_defects.pt")) and head.stderr == ""
+
+
+# --------------------------------------------------------------------------- eps 0 (FrozenBatchNorm2d models)
+
+
+def test_eps_zero_in_eval_mode_is_batchnorm2d_bit_for_bit(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 5, 5, generator=g) * 2 + 1
+    torch.save(x, tmp_path / "x.pt")
+    sd = bn_state(3, "bn", seed=4)
+    torch.save(sd, tmp_path / "m.pt")
+    report = normalize(tmp_path / "x.pt", mode="eval", eps=0.0, checkpoint=tmp_path / "m.pt", layer="bn",
+                       output=tmp_path / "y.pt")
+    bn = torch.nn.BatchNorm2d(3, eps=0.0).eval()
+    bn.load_state_dict({k.removeprefix("bn."): v for k, v in sd.items()})
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "y.pt", weights_only=True), bn(x))
+    assert report.eps == 0.0
+
+
+def test_eps_zero_in_train_mode_is_refused_as_torch_refuses_it(cli):
+    with pytest.raises(ValueError, match="eps must be positive during training"):  # torch's own rule
+        torch.nn.BatchNorm2d(3, eps=0.0).train()(torch.randn(2, 3, 2, 2))
+    result = cli("normalize", SAMPLES / "input.pt", "--eps", "0")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --eps 0 works in eval mode only: torch's batch_norm refuses eps 0 in training")
+    assert cli("normalize", SAMPLES / "input.pt", "--eps", "0", "--mode", "eval").exit_code == 0
+
+
+def test_eps_zero_with_a_zero_running_var_names_the_channels(cli, tmp_path):
+    sd = bn_state(3, "bn")
+    sd["bn.running_var"][[0, 2]] = 0.0  # pruned channels
+    torch.save(torch.randn(4, 3, 5, 5), tmp_path / "x.pt")
+    torch.save(sd, tmp_path / "m.pt")
+    args = ["normalize", tmp_path / "x.pt", "--mode", "eval", "--eps", "0", "-c", tmp_path / "m.pt", "-l", "bn",
+            "-o", tmp_path / "y.pt"]
+    result = cli(*args)
+    assert result.exit_code == 3, result
+    assert result.stderr == (f"error: {tmp_path / 'x.pt'}: with --eps 0, running_var is 0 in channel(s) 0, 2 of the "
+                             "layer: normalizing would divide by zero; pass an eps > 0 (PyTorch's default is 1e-5)\n")
+    assert not (tmp_path / "y.pt").exists()
+    fine = cli(*args[:5], "1e-5", *args[6:])  # with an eps the same layer is fine, as in torch
+    assert fine.exit_code == 0, fine
+

@@ -483,3 +483,16 @@ def test_rows_read_from_files_equal_the_data(tmp_path):
     whole = torch.cat(got)
     assert whole[:8].dtype == torch.float32 and torch.equal(whole[:8], x[:8])
     assert torch.equal(whole[8:], x[8:].bfloat16().float())
+
+
+def test_json_says_which_non_finite(cli, tmp_path):
+    """The defects sample has a NaN variance (features.5, channel 3) and a negative one (features.9, channel 4)."""
+    result = cli("recalibrate", SAMPLES / "model_defects.safetensors", "-m", "sample_data.smallcnn:small_cnn",
+                 "-d", SAMPLES / "input.pt", "-b", "4", "-o", tmp_path / "r.safetensors", "--format", "json")
+    assert result.exit_code == 0, result
+    layers = {x["name"]: x for x in json.loads(result.stdout)["diff"]["layers"]}
+    assert layers["features.5"]["max_shift"] is None
+    assert layers["features.5"]["non_finite"] == {"max_shift": "nan", "var_ratio_min": "nan", "var_ratio_max": "nan",
+                                                  "mean_kl": "nan"}
+    assert layers["features.9"]["non_finite"]["var_ratio_min"] == "nan"  # a negative variance has no ratio
+    assert "non_finite" not in layers["features.1"]

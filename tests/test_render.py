@@ -171,7 +171,39 @@ def test_json_matches_the_committed_schema(report):
 def test_json_with_channels_matches_the_schema():
     payload = json.loads(inspect_json(inspect_files([SAMPLES / "model_defects.pt"], layer="features.5")))
     assert validate(payload, SCHEMA, closed=True) == []
-    assert payload["files"][0]["layers"][0]["channels"][3]["running_var"] is None  # NaN -> null
+    channel = payload["files"][0]["layers"][0]["channels"][3]
+    assert channel["running_var"] is None  # NaN -> null, and said beside it
+    assert channel["non_finite"] == {"running_var": "nan", "running_std": "nan"}
+    assert all("non_finite" not in c for i, c in enumerate(payload["files"][0]["layers"][0]["channels"]) if i != 3)
+
+
+def test_json_tells_inf_from_nan_in_inspect(make_ckpt):
+    import torch
+    from conftest import bn_state
+
+    sd = bn_state(4, "bn")
+    sd["bn.running_var"][1] = float("inf")
+    sd["bn.running_mean"][2] = float("-inf")
+    sd["bn.running_var"][3] = float("nan")
+    payload = json.loads(inspect_json(inspect_files([make_ckpt(sd, "m.pt")], layer="bn")))
+    assert validate(payload, SCHEMA, closed=True) == []
+    channels = payload["files"][0]["layers"][0]["channels"]
+    assert channels[1]["running_var"] is None and channels[1]["non_finite"] == {"running_var": "inf", "running_std": "inf"}
+    assert channels[2]["running_mean"] is None and channels[2]["non_finite"] == {"running_mean": "-inf"}
+    assert channels[3]["non_finite"] == {"running_var": "nan", "running_std": "nan"}
+    assert "non_finite" not in channels[0]
+    assert torch.isinf(sd["bn.running_var"][1])  # the reference: what the file holds
+
+
+def test_non_finite_is_said_in_one_place_for_every_shape():
+    from bncli.render.json import _dump
+
+    out = json.loads(_dump({"a": 1.5, "b": float("inf"), "c": [1.0, float("-inf"), float("nan")], "d": {"e": float("nan")},
+                            "f": [{"g": float("-inf")}], "h": None}))
+    assert out == {"a": 1.5, "b": None, "c": [1.0, None, None], "d": {"e": None, "non_finite": {"e": "nan"}},
+                   "f": [{"g": None, "non_finite": {"g": "-inf"}}], "h": None,
+                   "non_finite": {"b": "inf", "c": [None, "-inf", "nan"]}}
+    assert json.loads(_dump({"x": 2.0})) == {"x": 2.0}  # nothing added when every number is finite
 
 
 def test_schema_lite_catches_violations():

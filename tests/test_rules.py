@@ -146,6 +146,16 @@ def test_variance_at_eps_is_not_collapsed():
     assert len(hits(layer(var=[1.0, float(np.nextafter(np.float32(eps32), 0)), 1.0, 1.0]), "BN004", Thresholds(eps=eps32))) == 1
 
 
+def test_eps_zero_reports_a_zero_variance_as_an_infinite_scale():
+    found = hits(layer(var=[1.0, 0.0, 1e-12, 1.0]), "BN004", Thresholds(eps=0.0))
+    assert len(found) == 1 and found[0].channels == (1,)  # 1e-12 is not below eps 0, but 0 divides by zero
+    assert found[0].message == ("running_var 0 in channel(s) 1: the normalization scale 1/sqrt(running_var + eps) "
+                                "reaches inf (channel 1, eps=0)")
+    assert hits(layer(var=[1.0, 0.5, 1e-12, 1.0]), "BN004", Thresholds(eps=0.0)) == []
+    with_min = hits(layer(var=[1.0, 0.0, 1e-12, 1.0]), "BN004", Thresholds(eps=0.0, min_var=1e-5))
+    assert with_min[0].channels == (1, 2) and "reaches inf (channel 1, eps=0)" in with_min[0].message
+
+
 def test_min_var_moves_the_threshold_but_eps_stays_in_the_scale():
     t = Thresholds(eps=1e-5, min_var=1e-3)
     found = hits(layer(var=[1.0, 5e-4, 1.0, 1.0]), "BN004", t)

@@ -109,7 +109,10 @@ def test_bad_output_suffix(cli, tmp_path):
 
 def test_usage_errors_exit_2(cli):
     assert cli("normalize", SAMPLES / "input.pt", "--momentum", "3").exit_code == 2
-    assert cli("normalize", SAMPLES / "input.pt", "--eps", "0").exit_code == 2
+    for eps in ("-1e-5", "nan", "inf"):
+        refused = cli("normalize", SAMPLES / "input.pt", "--eps", eps)
+        assert refused.exit_code == 2 and "eps must be a finite number >= 0" in refused.stderr, refused
+    assert cli("normalize", SAMPLES / "input.pt", "--eps", "0", "--mode", "eval").exit_code == 0  # FrozenBatchNorm2d
     assert cli("normalize", SAMPLES / "input.pt", "--mode", "test").exit_code == 2
 
 

@@ -177,7 +177,7 @@ def test_odd_archives_fall_back(tmp_path, damage, message):
     "damage, message",
     [
         (lambda p: _rewrite(p, lambda n, d: d, compress=zipfile.ZIP_DEFLATED), "is compressed; torch stores records uncompressed"),
-        (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "corrupt zip archive"),
+        (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "the file ends before its zip directory"),
     ],
     ids=["deflated", "truncated"],
 )

@@ -18,6 +18,7 @@ from bncli.render.table import fmt
 VERDICT_STYLES = {IDENTICAL: "green", CHANGED: "yellow", SHAPE_CHANGED: "bold red"}
 LAYER_HEADERS = ("layer", "C", "verdict", "max mean\nshift", "var ratio\nmin", "var ratio\nmax", "mean\nsym KL", "Δ\nbatches",
                  "max\n|Δweight|", "max\n|Δbias|")
+ZERO_VAR = 6  # where the "zero var" column goes, shown only when some layer has a zero variance
 CHANNEL_HEADERS = ("ch", "mean A", "mean B", "mean shift", "var A", "var B", "var ratio", "sym KL", "Δweight", "Δbias", "changed")
 
 
@@ -31,8 +32,18 @@ def _delta_int(value: int | None) -> str:
     return "-" if value is None else f"{value:+d}"
 
 
-def layer_cells(layer: LayerDiff) -> list[str]:
-    return [
+def _with_zero_var(report: DiffReport) -> bool:
+    return any(x.zero_var_channels for x in report.layers)
+
+
+def layer_headers(report: DiffReport) -> tuple[str, ...]:
+    if not _with_zero_var(report):
+        return LAYER_HEADERS
+    return (*LAYER_HEADERS[:ZERO_VAR], "zero\nvar", *LAYER_HEADERS[ZERO_VAR:])
+
+
+def layer_cells(layer: LayerDiff, zero_var: bool = False) -> list[str]:
+    cells = [
         layer.name,
         _channels(layer),
         layer.verdict,
@@ -41,6 +52,9 @@ def layer_cells(layer: LayerDiff) -> list[str]:
         fmt(layer.weight_max_change),
         fmt(layer.bias_max_change),
     ]
+    if zero_var:
+        cells.insert(ZERO_VAR, "-" if layer.zero_var_channels is None else str(layer.zero_var_channels))
+    return cells
 
 
 def channel_cells(layer: LayerDiff) -> list[list[str]]:
@@ -86,15 +100,22 @@ def gate_message(report: DiffReport) -> str:
     return f"--{report.gate}: {len(names)} BatchNorm layer{'s' if len(names) != 1 else ''} {what}: {shown}"
 
 
+def legend(report: DiffReport) -> str:
+    zero = "zero var = channels with var 0 in A or B; " if _with_zero_var(report) else ""
+    return (f"mean shift = |mean_B - mean_A| / sqrt(var_A + eps); var ratio = var_B / var_A{' where both > 0' if zero else ''}; "
+            f"{zero}sym KL = KL(A||B) + KL(B||A) of N(mean, var + eps)")
+
+
 def diff_table(report: DiffReport) -> RenderableType:
     parts: list[RenderableType] = [text(title_line(report), style="bold")]
     single = len(report.layers) == 1 and report.layers[0].channels is not None
     if report.layers:
         table = Table(show_edge=False, pad_edge=False, header_style="bold")
-        for i, header in enumerate(LAYER_HEADERS):
+        zero_var = _with_zero_var(report)
+        for i, header in enumerate(layer_headers(report)):
             table.add_column(header, justify="left" if i in (0, 2) else "right", no_wrap=i != 0, overflow="fold")
         for layer in report.layers:
-            cells = layer_cells(layer)
+            cells = layer_cells(layer, zero_var)
             table.add_row(text(cells[0]), cells[1], Text(cells[2], style=VERDICT_STYLES[layer.verdict]), *cells[3:])
         parts.append(table)
     if single:
@@ -110,8 +131,7 @@ def diff_table(report: DiffReport) -> RenderableType:
         if names:
             parts.append(text(f"{label}: {', '.join(names)}", style="red"))
     parts.append(Text(summary_line(report)))
-    parts.append(Text("mean shift = |mean_B - mean_A| / sqrt(var_A + eps); var ratio = var_B / var_A; "
-                      "sym KL = KL(A||B) + KL(B||A) of N(mean, var + eps)", style="dim"))
+    parts.append(Text(legend(report), style="dim"))
     return Group(*parts)
 
 
@@ -163,8 +183,9 @@ def diff_markdown(report: DiffReport) -> str:
     lines = [f"**BatchNorm diff**: A = {md_code(_side(report.path_a, report.state_a), False)}, "
              f"B = {md_code(_side(report.path_b, report.state_b), False)} ({_settings(report)})", ""]
     if report.layers:
-        rows = [[md_code(cells[0]), *cells[1:]] for cells in (layer_cells(x) for x in report.layers)]
-        lines += _md_table(LAYER_HEADERS, rows, left=(0, 2))
+        zero_var = _with_zero_var(report)
+        rows = [[md_code(cells[0]), *cells[1:]] for cells in (layer_cells(x, zero_var) for x in report.layers)]
+        lines += _md_table(layer_headers(report), rows, left=(0, 2))
         lines.append("")
     if len(report.layers) == 1 and report.layers[0].channels is not None:
         lines += [f"Layer {md_code(report.layers[0].name, False)}, channel by channel:", ""]
@@ -238,6 +259,7 @@ def diff_github(report: DiffReport) -> str:
         detail = f"{layer.num_features_a}→{layer.num_features_b} channels" if layer.verdict == SHAPE_CHANGED else (
             f"{len(layer.changed_channels)} of {layer.num_features_a} channels; max mean shift {fmt(layer.max_shift)}, "
             f"var ratio {fmt(layer.var_ratio_min)}..{fmt(layer.var_ratio_max)}, mean sym KL {fmt(layer.mean_kl)}"
+            + (f", {layer.zero_var_channels} with a zero variance" if layer.zero_var_channels else "")
         )
         lines.append(annotate(layer.name, f"{layer.verdict} ({detail})"))
     for label, names in (("only in A", report.only_a), ("only in B", report.only_b)):

@@ -1,4 +1,5 @@
-"""JSON renderers: plain json.dumps of the report, non-finite numbers as null (strict JSON has no NaN)."""
+"""JSON renderers: plain json.dumps of the report; non-finite numbers as null (strict JSON has no NaN), said in a
+`non_finite` object beside them."""
 
 from __future__ import annotations
 
@@ -13,13 +14,37 @@ from bncli.report import InspectReport, NormalizeReport, Severity
 SCHEMA_VERSION = 1
 
 
+NON_FINITE = "non_finite"
+
+
+def _marker(value: Any) -> str | None:
+    """"inf", "-inf" or "nan" for a non-finite float; None for anything else."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return None
+
+
 def _clean(value: Any) -> Any:
+    """The payload as strict JSON: every non-finite float becomes null, and the object holding it gets
+    `"non_finite": {key: "inf" | "-inf" | "nan"}` (for a list of numbers: a list of those markers and nulls), so
+    that a reader can tell +Inf from NaN. The one place every JSON output goes through."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        out = {k: _clean(v) for k, v in value.items()}
+        found: dict[str, Any] = {}
+        for k, v in value.items():
+            if _marker(v) is not None:
+                found[k] = _marker(v)
+            elif isinstance(v, (list, tuple)) and any(_marker(x) is not None for x in v):
+                found[k] = [_marker(x) for x in v]
+        if found:
+            if NON_FINITE in value:
+                raise ValueError(f"a report field is named {NON_FINITE!r}")  # a bug in bncli: the key is reserved
+            out[NON_FINITE] = found
+        return out
     if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
     return value

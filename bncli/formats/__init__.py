@@ -1,0 +1,1 @@
+"""One module per file format, each owning its structure checks and its reader."""
