@@ -115,7 +115,8 @@ def inspect_file(
         keys = [select_layer(keys, layer, ckpt.provenance.path)]
     bns = [read_layer(ckpt, k) for k in keys]
     per_layer = [run_rules(bn, thresholds, selected) for bn in bns]
-    across = run_file_rules(bns, thresholds, selected, require_bn)  # BN014 names a layer: its flags show it
+    # BN014 names a layer: its flags show it; BN012 is about the file's pickle
+    across = run_file_rules(bns, thresholds, selected, require_bn, ckpt.provenance)
     layers = [
         summarize_layer(bn, found + [f for f in across if f.layer == bn.name], per_channel=layer is not None)
         for bn, found in zip(bns, per_layer, strict=True)

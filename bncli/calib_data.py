@@ -216,7 +216,7 @@ def _open_tensor(path: Path, key: str | None) -> tuple[Any, str, str | None, str
     of named tensors; unnamed ones (.npy, a bare torch tensor) ignore it, so mixed --data lists work."""
     from bncli.archive import SAFETENSORS_DTYPES, check_safetensors
     from bncli.errors import first_line
-    from bncli.loading import _choose_key, _torch_load, sniff
+    from bncli.loading import _choose_key, sniff, torch_load_checked
 
     fmt = sniff(path)
     if fmt == "npy":
@@ -244,7 +244,7 @@ def _open_tensor(path: Path, key: str | None) -> tuple[Any, str, str | None, str
     if fmt in ("torch-zip", "torch-legacy"):
         import torch
 
-        obj = _torch_load(path, fmt)
+        obj = torch_load_checked(path, fmt, mmap=True)
         if isinstance(obj, torch.Tensor):
             name = None  # an unnamed tensor: --key is for the files that hold several
         elif isinstance(obj, dict):

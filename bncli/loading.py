@@ -11,18 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bncli.archive import (
-    LEGACY_MAGIC,
-    SAFETENSORS_DTYPES,
-    check_mapped_storages,
-    check_safetensors,
-    check_torch_legacy,
-    check_torch_zip,
-    human,
-    max_load_bytes,
-    show,
-)
+from bncli.archive import SAFETENSORS_DTYPES, check_safetensors, human, max_load_bytes, show
+from bncli.budget import Budget
 from bncli.errors import BncliError, InputError, UnsafeFileError, first_line
+from bncli.formats.modules import flatten, is_module
+from bncli.formats.tensors import LazyTensor, OpaqueTensor
+from bncli.layers import ROOT
 
 # Keys under which training scripts commonly nest the model's state dict, in order of preference:
 # the main model before its EMA copy, so that a checkpoint holding both reports the model.
@@ -41,6 +35,8 @@ CONTAINER_KEYS = (
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".th")
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # formats.torch_legacy.MAGIC, here so that sniffing imports nothing more
 
 # Environment variables that change torch.load's weights_only default; bncli hides them during a load so that
 # neither can turn safety off, nor (both set at once) make every load fail.
@@ -61,6 +57,11 @@ class Provenance:
     container: str | None = None  # key path of the nested state dict, e.g. "state_dict"
     prefix: str | None = None  # prefix stripped from every key, e.g. "module."
     alternatives: tuple[str, ...] = ()  # other state dicts in the file (e.g. "state_dict_ema"), for --state
+    model_class: str | None = None  # the class of a whole pickled model read as data, e.g. "models.yolo.DetectionModel"
+    # Globals the pickle names that torch.load(weights_only=True) refuses: classes it would import (sorted, the
+    # ones outside torch first), and the ones it would call (REDUCE, NEWOBJ...). Empty for plain state dicts.
+    pickled_globals: tuple[str, ...] = ()
+    pickled_calls: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- sniffing
@@ -77,7 +78,7 @@ def sniff(path: Path) -> str:
     if head.startswith(b"\x93NUMPY"):
         return "npy"
     if head[:1] == b"\x80" and len(head) >= 2 and 2 <= head[1] <= 5:
-        magic = b"\x8a\x0a" + LEGACY_MAGIC.to_bytes(10, "little")
+        magic = b"\x8a\x0a" + LEGACY_MAGIC.to_bytes(10, "little")  # LONG1 of torch's legacy magic number
         if head[2:14] == magic or head[11:23] == magic:  # protocol 4+ puts an 8-byte FRAME first
             return "torch-legacy"
         raise InputError(
@@ -156,10 +157,12 @@ def _describe(head: bytes, size: int) -> str:
 class Checkpoint(Mapping[str, Any]):
     """A flat, ordered {name: tensor-like} view of one file; arrays are read only when asked for."""
 
-    def __init__(self, provenance: Provenance, entries: dict[str, Any], reader) -> None:
+    def __init__(self, provenance: Provenance, entries: dict[str, Any], reader, layer_meta: dict | None = None) -> None:
         self.provenance = provenance
         self._entries = entries  # name -> opaque handle understood by reader
         self._reader = reader
+        # layer name -> formats.modules.LayerMeta, for whole pickled models (class, eps, momentum...)
+        self.layer_meta = layer_meta or {}
 
     def __getitem__(self, name: str) -> Any:
         return self._entries[name]
@@ -194,21 +197,59 @@ def load_checkpoint(path: str | os.PathLike, state: str | None = None, strip_pre
     path = Path(path)
     fmt = sniff(path)
     alternatives: tuple[str, ...] = ()
+    extra: dict[str, Any] = {}
+    meta: dict = {}
     if fmt == "safetensors":
         if state is not None:
             raise InputError(f"{show(path)}: --state does not apply to safetensors files, which hold one flat mapping")
         entries, reader = _open_safetensors(path)
         container = None
     elif fmt in ("torch-zip", "torch-legacy"):
-        obj = _torchzip_load(path) if fmt == "torch-zip" else None
-        if obj is None:
-            obj = _torch_load(path, fmt)
-        flat, container, alternatives = find_state_dict(obj, path, state)
-        entries, reader = dict(flat), _TorchReader()
+        obj, machine = read_torch(path, fmt)
+        found, container, alternatives = find_state_dict(obj, path, state)
+        if is_module(found):
+            flat, meta, extra["model_class"] = flatten(found)
+            entries = dict(flat)
+        else:
+            entries = {k: v for k, v in found.items() if not _is_record(v)}  # records are no tensors
+        extra.update(_pickled_code(machine))
+        reader = _TorchReader()
     else:  # npy, npz
         raise InputError(f"{show(path)}: a numpy {fmt} file holds tensors, not a checkpoint; use `bncli normalize` for tensors")
     entries, prefix = strip_prefixes(entries, strip_prefix, show(path))
-    return Checkpoint(Provenance(show(path), fmt, container, prefix, alternatives), entries, reader)
+    if prefix and meta:
+        meta = {_strip(name, prefix): m for name, m in meta.items()}
+    prov = Provenance(show(path), fmt, container, prefix, alternatives, **extra)
+    return Checkpoint(prov, entries, reader, {(name or ROOT): m for name, m in meta.items()})
+
+
+def _strip(name: str, prefix: str) -> str:
+    """A module name with the stripped key prefix removed ("module.bn1" -> "bn1"; "module" itself -> "")."""
+    dotted = name + "."
+    return dotted[len(prefix):].rstrip(".") if dotted.startswith(prefix) else name
+
+
+def read_torch(path: Path, fmt: str) -> tuple[Any, Any]:
+    """A torch file's object as data, read by bncli's restricted pickle machine (no torch), and the machine."""
+    from bncli.formats import torch_legacy, torch_zip
+
+    budget = Budget(show(path), path.stat().st_size)
+    reader = torch_zip if fmt == "torch-zip" else torch_legacy
+    try:
+        return reader.load(path, budget)
+    except MemoryError:
+        raise InputError(f"{show(path)}: not enough memory to read it") from None
+
+
+def _pickled_code(machine) -> dict[str, tuple[str, ...]]:
+    """The globals a pickle names that torch.load(weights_only=True) refuses (rule BN012), sorted: the ones
+    outside torch first."""
+    from bncli.formats.pickle_vm import torch_allows
+
+    unsafe = [g for g in machine.globals_seen if not torch_allows(g)]
+    order = sorted(unsafe, key=lambda g: (g.split(".")[0] == "torch", g))
+    calls = sorted((g for g in machine.calls if g in unsafe), key=lambda g: (g.split(".")[0] == "torch", g))
+    return {"pickled_globals": tuple(order), "pickled_calls": tuple(calls)}
 
 
 def find_state_dict(obj: Any, path: Path, state: str | None = None) -> tuple[Mapping[str, Any], str | None, tuple[str, ...]]:
@@ -221,7 +262,7 @@ def find_state_dict(obj: Any, path: Path, state: str | None = None) -> tuple[Map
             hint = f"; state dicts found: {', '.join(candidates)}" if candidates else ""
             raise InputError(f"{p}: no key {state!r} in the checkpoint; top-level keys: {_keys(obj)}{hint}")
         if not _is_state_dict(node):
-            raise InputError(f"{p}: {state!r} is not a state dict of tensors (it holds a {type(node).__name__})")
+            raise InputError(f"{p}: {state!r} is not a state dict of tensors (it holds {_what(node)})")
         return node, state, tuple(c for c in candidates if c != state)
     if _is_state_dict(obj):
         return obj, None, ()
@@ -233,7 +274,7 @@ def find_state_dict(obj: Any, path: Path, state: str | None = None) -> tuple[Map
         raise InputError(f"{p}: no state dict of tensors found; top-level keys: {_keys(obj)}{hint}")
     if _is_tensor(obj):
         raise InputError(f"{p}: holds a single tensor, not a checkpoint; use `bncli normalize` for tensors")
-    raise InputError(f"{p}: holds a {type(obj).__name__} at the top level, not a state dict")
+    raise InputError(f"{p}: holds {_what(obj)} at the top level, not a state dict")
 
 
 def _candidates(obj: Any) -> list[str]:
@@ -265,7 +306,7 @@ def _walk(obj: Any, state: str) -> Any:
 
 def _keys(obj: Any) -> str:
     if not isinstance(obj, Mapping):
-        return f"none (a {type(obj).__name__})"
+        return f"none ({_what(obj)})"
     keys = [str(k) for k in obj]
     return ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
 
@@ -274,9 +315,7 @@ def _is_tensor(value: Any) -> bool:
     """A tensor of any origin; torch and numpy are looked up, not imported: a module not loaded made no value."""
     import sys
 
-    from bncli.torchzip import LazyTensor
-
-    if isinstance(value, LazyTensor):
+    if isinstance(value, (LazyTensor, OpaqueTensor)):
         return True
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):
@@ -286,7 +325,10 @@ def _is_tensor(value: Any) -> bool:
 
 
 def _is_state_dict(obj: Any) -> bool:
-    """A mapping of string keys to tensors (num_batches_tracked may be a plain number)."""
+    """A mapping of string keys to tensors (num_batches_tracked may be a plain number), or a whole nn.Module
+    read as data (formats.modules)."""
+    if is_module(obj):
+        return True
     if not isinstance(obj, Mapping) or not obj:
         return False
     has_tensor = False
@@ -295,9 +337,18 @@ def _is_state_dict(obj: Any) -> bool:
             return False
         if _is_tensor(value):
             has_tensor = True
-        elif not isinstance(value, (int, float)) or isinstance(value, bool):
+        elif not (isinstance(value, (int, float)) and not isinstance(value, bool)) and not _is_record(value):
+            return False
+        elif is_module(value):  # a model beside tensors: the container, not a state dict
             return False
     return has_tensor
+
+
+def _is_record(value: Any) -> bool:
+    """An object the pickle would have built by calling something (bncli keeps it as an inert record)."""
+    from bncli.formats.pickle_vm import Global, Instance
+
+    return isinstance(value, (Global, Instance))
 
 
 def strip_prefixes(entries: dict[str, Any], extra: str | None = None, where: str = "") -> tuple[dict[str, Any], str | None]:
@@ -333,16 +384,6 @@ def strip_prefixes(entries: dict[str, Any], extra: str | None = None, where: str
 # --------------------------------------------------------------------------- torch files
 
 
-def _torchzip_load(path: Path) -> Any:
-    """The checkpoint read without torch (bncli/torchzip.py), or None when only torch.load can judge it."""
-    from bncli import torchzip
-
-    try:
-        return torchzip.load(path)
-    except torchzip.Unsupported:
-        return None
-
-
 @contextlib.contextmanager
 def _no_load_overrides():
     saved = {name: os.environ.pop(name) for name in TORCH_LOAD_OVERRIDES if name in os.environ}
@@ -352,115 +393,43 @@ def _no_load_overrides():
         os.environ.update(saved)
 
 
-def _torch_load(path: Path, fmt: str) -> Any:
-    """torch.load with weights_only=True, only after the file's structure has been checked."""
-    p = show(path)
-    with warnings.catch_warnings():
-        # torch warns (pickle protocols, TorchScript...) on stderr; bncli's stderr carries one line per error only.
-        warnings.simplefilter("ignore")
-        return _checked_load(path, p, fmt)
-
-
-def _checked_load(path: Path, p: str, fmt: str) -> Any:
-    import pickle
-
-    try:
-        if fmt == "torch-zip":
-            archive = check_torch_zip(path)
-        else:
-            check_torch_legacy(path)
-    except pickle.UnpicklingError as exc:
-        raise _unsafe(path, fmt, exc) from None
-    except BncliError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - anything the structure check trips on is damage in the file
-        raise InputError(f"{p}: corrupt torch file ({first_line(exc)})") from None
-    if fmt == "torch-legacy":
-        return _call_torch_load(path, fmt, mmap=False)
-    # Mapped only after the archive passed its checks; the storages are then matched to their records before use.
-    obj = _call_torch_load(path, fmt, mmap=True)
-    try:
-        check_mapped_storages(obj, path, archive)
-    except BncliError:
-        raise
-    except Exception:  # noqa: BLE001 - Unverifiable, or a tensor kind that cannot even be asked for its storage
-        # Read unmapped instead, where torch compares every storage with its record itself.
-        obj = _call_torch_load(path, fmt, mmap=False)
-    return obj
-
-
-def _call_torch_load(path: Path, fmt: str, mmap: bool) -> Any:
-    import pickle
-
+def torch_load_checked(path: Path, fmt: str, mmap: bool = False) -> Any:
+    """torch.load(weights_only=True), for the commands that must hand torch objects back to torch (recalibrate
+    rewriting a torch file, torch calibration data), and only after bncli's own reader accepted the file: the
+    same budgets, structure checks and refusals as every audit, so torch never sees a file bncli would refuse."""
+    _obj, machine = read_torch(path, fmt)
+    code = _pickled_code(machine)
+    if code["pickled_globals"]:
+        names = ", ".join(code["pickled_globals"][:12])
+        raise UnsafeFileError(
+            f"{show(path)}: only torch.load(weights_only=False) can load it, which would import {names}; bncli "
+            f"reads such files as data (bncli inspect) but cannot rewrite them. {REFUSAL_ADVICE}"
+        )
     import torch
 
-    try:
-        with _no_load_overrides(), _utf8_path(path) as source:
-            # weights_only=True is passed explicitly, and never a pickle_module: torch refuses every global outside
-            # its allowlist, so nothing in the file can run code.
-            return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
-    except BncliError:
-        raise
-    except pickle.UnpicklingError as exc:
-        raise _unsafe(path, fmt, exc) from None
-    except MemoryError:
-        raise InputError(f"{show(path)}: not enough memory to load it") from None
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged files; all are input errors
-        raise InputError(f"{show(path)}: corrupt or unreadable torch file ({first_line(exc)})") from None
+    with warnings.catch_warnings():
+        # torch warns (pickle protocols...) on stderr; bncli's stderr carries one line per error only.
+        warnings.simplefilter("ignore")
+        try:
+            with _no_load_overrides(), path.open("rb") as fh:
+                if mmap and fmt == "torch-zip" and _utf8_name(path):
+                    # weights_only=True is passed explicitly, and never a pickle_module.
+                    return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+                return torch.load(fh, map_location="cpu", weights_only=True)
+        except BncliError:
+            raise
+        except MemoryError:
+            raise InputError(f"{show(path)}: not enough memory to load it") from None
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for files its reader rejects
+            raise InputError(f"{show(path)}: torch.load cannot read it ({first_line(exc)})") from None
 
 
-@contextlib.contextmanager
-def _utf8_path(path: Path):
-    """A name torch's C++ side can take: a file name that is not UTF-8 is reached through /proc/self/fd instead."""
+def _utf8_name(path: Path) -> bool:
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:
-        pass
-    else:
-        yield path
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        alias = f"/proc/self/fd/{fd}"
-        if not os.path.exists(alias):
-            raise InputError(f"{show(path)}: cannot load a file whose name is not UTF-8 on this system; rename it")
-        yield alias
-    finally:
-        os.close(fd)
-
-
-def _unsafe(path: Path, fmt: str, exc: Exception) -> InputError:
-    """Name the globals a refused pickle would import; a refusal without any (or a pickle too damaged to list) is damage."""
-    import re
-
-    try:
-        # A complete static scan of the pickle, so that a name cut short by truncation is never reported as a global.
-        globals_ = _unsafe_globals(path, fmt)
-    except Exception:  # noqa: BLE001 - a pickle that cannot even be scanned is damaged
-        globals_ = []
-    if not globals_:
-        detail = re.search(r"WeightsUnpickler error: ([^\n]+)", str(exc))
-        first = (detail.group(1) if detail else first_line(exc)).split(" Please use")[0]  # never advise allowlisting
-        return InputError(f"{show(path)}: corrupt or unsupported torch pickle ({first})")
-    names = ", ".join(dict.fromkeys(globals_))
-    return UnsafeFileError(
-        f"{show(path)}: refused: it holds pickled objects that would import {names}; bncli loads only tensors and "
-        f"plain containers, because importing other globals can run arbitrary code. {REFUSAL_ADVICE}"
-    )
-
-
-def _unsafe_globals(path: Path, fmt: str) -> list[str]:
-    import torch
-    from torch import _weights_only_unpickler as wo
-
-    if fmt == "torch-zip":
-        with path.open("rb") as fh:  # a file object: torch's C++ reader cannot take a file name that is not UTF-8
-            return list(torch.serialization.get_unsafe_globals_in_checkpoint(fh))
-    allowed = set(wo._get_allowed_globals()) | set(wo._get_user_allowed_globals())
-    with path.open("rb") as fh:
-        for _ in range(3):  # magic number, protocol version, sys info
-            wo.load(fh, encoding="utf-8")
-        return sorted(g for g in wo.get_globals_in_pkl(fh) if g not in allowed)
+        return False
+    return True
 
 
 class _TorchReader:
@@ -472,9 +441,12 @@ class _TorchReader:
 
     @staticmethod
     def read(value: Any):
-        """torch tensors, torchzip's lazy tensors (bfloat16 already widened) and plain numbers, as numpy."""
+        """bncli's lazy tensors (bfloat16 widened), torch tensors and plain numbers, as numpy."""
         import numpy as np
 
+        if isinstance(value, (LazyTensor, OpaqueTensor)):
+            array = value.numpy()
+            return array.astype(np.float32) if array.dtype == np.float16 else array
         if hasattr(value, "detach"):
             import torch
 
@@ -560,20 +532,51 @@ def load_tensor(path: str | os.PathLike, key: str | None = None):
         if reader.dtype(name) in ("bfloat16", "float16"):
             return torch.from_numpy(array).to(getattr(torch, reader.dtype(name))), name
         return _numpy_to_torch(path, array), name
-    obj = _torch_load(path, fmt)
-    if isinstance(obj, torch.Tensor):
+    obj, _machine = read_torch(path, fmt)
+    if _is_tensor(obj):
         if key is not None:
             raise InputError(f"{p}: holds a single tensor; drop --key {key}")
-        return obj, None
+        return _lazy_to_torch(path, obj, None), None
     if isinstance(obj, Mapping):
-        tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and _is_tensor(v)}
         if tensors:
             name = _choose_key(path, list(tensors), key)
-            return tensors[name], name
-    if isinstance(obj, Mapping):
+            return _lazy_to_torch(path, tensors[name], name), name
         raise InputError(f"{p}: holds no tensor at the top level (a dict with keys: {_keys(obj)}); is it a checkpoint? "
                          "`bncli inspect` reads checkpoints, `normalize` takes a tensor file")
-    raise InputError(f"{p}: holds no tensor (found a {type(obj).__name__})")
+    raise InputError(f"{p}: holds no tensor (found {_what(obj)})")
+
+
+def _lazy_to_torch(path: Path, value: Any, name: str | None):
+    """A tensor read by bncli's torch reader, as a torch.Tensor of its stored dtype."""
+    import torch
+
+    where = f"{show(path)}: {name}" if name else show(path)
+    from bncli.formats.tensors import RAW_ONLY
+
+    try:
+        array = value.numpy(raw=True) if isinstance(value, LazyTensor) else value.numpy()
+    except BncliError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a value that cannot be decoded is an input error
+        raise InputError(f"{where}: cannot read it ({first_line(exc)})") from None
+    tensor = _numpy_to_torch(path, array)
+    if value.dtype in RAW_ONLY:
+        return tensor.view(getattr(torch, value.dtype))  # float8's bytes, as torch would have them
+    return tensor.to(torch.bfloat16) if value.dtype == "bfloat16" else tensor
+
+
+def _what(obj: Any) -> str:
+    """What an object from a file is, in words (records name their class; never a repr of file data)."""
+    from bncli.formats.pickle_vm import Global, Instance
+
+    if is_module(obj):
+        return f"a whole pickled model ({obj.class_path or 'unnamed class'})"
+    if isinstance(obj, Instance):
+        return f"a pickled {obj.class_path or 'object'}"
+    if isinstance(obj, Global):
+        return f"a reference to {obj.path}"
+    return f"a {type(obj).__name__}"
 
 
 def _load_npz(path: Path, key: str | None):

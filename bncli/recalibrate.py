@@ -495,11 +495,11 @@ def write_checkpoint(ckpt, updates: dict[str, Any], output: Path, warn: Callable
         return
     import torch
 
-    from bncli.loading import _torch_load
+    from bncli.loading import torch_load_checked
 
     if suffix == ".safetensors" and warn is not None:
         warn(f"{output}: written as a torch file, the input's format, whatever its suffix")
-    obj = _torch_load(Path(prov.path), prov.format)
+    obj = torch_load_checked(Path(prov.path), prov.format)
     node = obj
     for part in (prov.container or "").split(".") if prov.container else ():
         node = node[part]

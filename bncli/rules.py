@@ -52,9 +52,11 @@ class Rule:
     name: str
     severity: Severity
     summary: str  # one line, for tables
-    check: Callable[..., Hits]  # (BNLayer, Thresholds) -> Hits for layer rules, (list[BNLayer], Thresholds) -> FileHits
+    # (BNLayer, Thresholds) -> Hits for layer rules, (list[BNLayer], Thresholds) -> FileHits for file rules,
+    # (Provenance,) -> FileHits for source rules (what the file itself is, whatever its layers)
+    check: Callable[..., Hits]
     thresholds: tuple[str, ...] = ()  # the Thresholds fields it uses, for the docs and --help
-    scope: str = "layer"  # "layer" or "file"
+    scope: str = "layer"  # "layer", "file" or "source"
     detects: str = ""  # what it detects, why it matters, how to fix it: markdown paragraphs (`code` allowed)
     why: str = ""
     fix: str = ""
@@ -667,6 +669,59 @@ def check_duplicate_statistics(layers: list[BNLayer], t: Thresholds) -> FileHits
     return out
 
 
+# Globals whose call is code execution by itself (not a class being rebuilt): named as calls in BN012.
+DANGEROUS_CALLS = frozenset(
+    "posix.system nt.system os.system os.popen os.execv os.execve os.spawnv os.fork subprocess.call subprocess.Popen "
+    "subprocess.run subprocess.check_call subprocess.check_output subprocess.getoutput builtins.eval builtins.exec "
+    "builtins.compile builtins.__import__ builtins.getattr builtins.setattr builtins.open builtins.breakpoint "
+    "importlib.import_module runpy.run_path runpy.run_module pty.spawn webbrowser.open shutil.rmtree "
+    "socket.socket pickle.loads _pickle.loads marshal.loads types.FunctionType types.CodeType".split()
+)
+
+
+@rule(
+    'BN012',
+    'pickled-code',
+    Severity.WARNING,
+    'loading the file needs torch.load(weights_only=False), which imports and calls what the pickle names',
+    scope='source',
+    detects=(
+        'A torch file whose pickle names globals that `torch.load(weights_only=True)` refuses: a whole pickled '
+        'model (`torch.save(model)`, every ultralytics YOLO `.pt`), an `argparse.Namespace` of training arguments, '
+        'a custom class, or a `__reduce__` payload that calls `os.system`. bncli reads such files as data with its '
+        'own restricted pickle machine (nothing is imported or called) and audits their BatchNorm layers; the '
+        'finding lists the globals, sorted, the ones outside torch first, and names separately the calls that run '
+        'code by themselves (`posix.system`, `subprocess.Popen`, `builtins.eval`, `builtins.getattr`...).'
+    ),
+    why=(
+        'Whoever loads the file the usual way (`torch.load(path, weights_only=False)`, or any torch before 2.6) '
+        'imports every one of those modules and calls every one of those functions: a supply-chain risk that a CI '
+        'gate should see beside the BatchNorm audit.'
+    ),
+    example=(
+        'warning BN012 pickled-code only torch.load(weights_only=False) can load this file, which would import 3 '
+        'globals (argparse.Namespace, posix.system, torch.nn.modules.batchnorm.BatchNorm2d) and call posix.system, '
+        'which runs code by itself; bncli read it as data and imported nothing',
+    ),
+    fix=(
+        'Load only files you trust with `weights_only=False`; publish the weights as a state dict '
+        '(`torch.save(model.state_dict(), ...)`) or as safetensors. Teams that accept ultralytics files can '
+        '`--ignore pickled-code`.'
+    ),
+)
+def check_pickled_code(prov) -> FileHits:
+    names = list(getattr(prov, "pickled_globals", ()))
+    if not names:
+        return []
+    calls = [g for g in prov.pickled_calls if g in DANGEROUS_CALLS]
+    shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+    what = f"would import {len(names)} global{'s' if len(names) != 1 else ''} ({shown})"
+    if calls:
+        what += f" and call {', '.join(calls)}, which runs code by itself"
+    return [(None, (), f"only torch.load(weights_only=False) can load this file, which {what}; bncli read it as data "
+                       "and imported nothing")]
+
+
 RULES: tuple[Rule, ...] = tuple(_CATALOGUE)  # in definition order: shape first, file rules last
 ALL_IDS = frozenset(r.id for r in RULES)
 
@@ -715,15 +770,18 @@ def run_file_rules(
     thresholds: Thresholds = Thresholds(),
     selected: frozenset[str] = ALL_IDS,
     require_bn: bool = False,
+    provenance=None,
 ) -> list[Finding]:
     """Findings about the file as a whole (layer None) or across layers (the first layer named); --require-bn raises
-    BN011 to an error."""
+    BN011 to an error. Source rules (BN012) run when the file's provenance is given."""
     findings = []
     for rule in RULES:
-        if rule.scope != "file" or rule.id not in selected:
+        if rule.scope == "layer" or rule.id not in selected:
             continue
+        if rule.scope == "source":
+            hits = rule.check(provenance) if provenance is not None else []
+        else:
+            hits = rule.check(layers, thresholds)
         severity = Severity.ERROR if rule.id == "BN011" and require_bn else rule.severity
-        findings.extend(
-            Finding(rule.id, rule.name, severity, name, ch, msg) for name, ch, msg in rule.check(layers, thresholds)
-        )
+        findings.extend(Finding(rule.id, rule.name, severity, name, ch, msg) for name, ch, msg in hits)
     return findings

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from bncli import torchzip
 from bncli.audit import inspect_file
+from bncli.formats import torch_zip
 from bncli.loading import Checkpoint
 from bncli.normalize import apply_and_measure, build_layer
 from bncli.stats import channel_mean_std
@@ -74,7 +74,7 @@ def _bn_bytes(sd) -> int:
 def reads(monkeypatch):
     """Record every key read through a Checkpoint and every storage byte read by the zip reader."""
     log = {"keys": [], "bytes": 0}
-    read, read_at = Checkpoint.read, torchzip._read_at
+    read, read_at = Checkpoint.read, torch_zip._read_at
 
     def counting_read(self, name):
         log["keys"].append(name)
@@ -85,7 +85,7 @@ def reads(monkeypatch):
         return read_at(path, offset, length)
 
     monkeypatch.setattr(Checkpoint, "read", counting_read)
-    monkeypatch.setattr(torchzip, "_read_at", counting_read_at)
+    monkeypatch.setattr(torch_zip, "_read_at", counting_read_at)
     return log
 
 

@@ -451,13 +451,13 @@ def test_each_data_file_is_loaded_once(tmp_path, monkeypatch):
     torch.save(x[:25], tmp_path / "a.pt")
     torch.save({"images": x[25:], "labels": torch.zeros(15)}, tmp_path / "b.pt")
     loads = []
-    real = loading._torch_load
+    real = loading.torch_load_checked
 
-    def counting(path, fmt):
+    def counting(path, fmt, mmap=False):
         loads.append(path.name)
-        return real(path, fmt)
+        return real(path, fmt, mmap)
 
-    monkeypatch.setattr(loading, "_torch_load", counting)
+    monkeypatch.setattr(loading, "torch_load_checked", counting)
     sources = calib_data.discover([tmp_path / "a.pt", tmp_path / "b.pt"], key="images")
     loads.clear()  # discover opens each file once to read its shape
     batches = calib_data.plan(sources, 3, None)

@@ -52,6 +52,7 @@ def test_the_catalogue_is_stable():
         ("BN009", "low-precision-statistics", "warning"),
         ("BN010", "untrained-affine", "info"),
         ("BN011", "no-batchnorm", "info"),
+        ("BN012", "pickled-code", "warning"),
         ("BN013", "default-channels", "warning"),
         ("BN014", "duplicate-statistics", "warning"),
         ("BN015", "fold-risk", "info"),

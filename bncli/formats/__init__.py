@@ -1,1 +1,1 @@
-"""One module per file format, each owning its structure checks and its reader."""
+"""One module per file format, each owning its structure checks and its reader; the pickle machine in its own."""

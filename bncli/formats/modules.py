@@ -1,0 +1,100 @@
+"""Whole pickled models read as data: an nn.Module record tree to the flat state dict torch's state_dict() would
+give, and each BatchNorm layer's class, eps, momentum, affine and track_running_stats from its pickled state."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from bncli.formats.pickle_vm import Instance
+from bncli.formats.tensors import LazyTensor, OpaqueTensor
+
+_MODULE_KEYS = ("_modules", "_parameters", "_buffers")
+
+
+@dataclass(frozen=True)
+class LayerMeta:
+    """What a whole pickled model says of one BatchNorm module (None where its state does not say)."""
+
+    class_path: str | None
+    eps: float | None
+    momentum: float | None  # None in the file means a cumulative average; see momentum_given
+    momentum_given: bool
+    affine: bool | None
+    track_running_stats: bool | None
+
+
+def module_state(obj: Any) -> dict | None:
+    """The state of an nn.Module record (the module's __dict__ as pickled), or None for anything else."""
+    if not isinstance(obj, Instance):
+        return None
+    state = obj.state
+    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
+        state = state[0]  # (dict, slots) as pickle's default __reduce_ex__ writes for classes with __slots__
+    if isinstance(state, dict) and any(isinstance(state.get(k), dict) for k in _MODULE_KEYS):
+        return state
+    return None
+
+
+def is_module(obj: Any) -> bool:
+    return module_state(obj) is not None
+
+
+def _named_modules(root: Instance):
+    """(name, record, state) in named_modules() order: pre-order, children in _modules order, each module once."""
+    seen: set[int] = set()
+    stack: list[tuple[str, Any]] = [("", root)]
+    while stack:
+        name, node = stack.pop()
+        state = module_state(node)
+        if state is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield name, node, state
+        children = state.get("_modules")
+        if isinstance(children, dict):
+            kids = [(f"{name}.{k}" if name else str(k), v) for k, v in children.items() if isinstance(k, str) and v is not None]
+            stack.extend(reversed(kids))
+
+
+def _tensor(value: Any) -> bool:
+    return isinstance(value, (LazyTensor, OpaqueTensor))
+
+
+def flatten(root: Instance) -> tuple[OrderedDict, dict[str, LayerMeta], str | None]:
+    """The state dict of a module record, the BatchNorm modules' metadata by module name, and the root's class."""
+    flat: OrderedDict[str, Any] = OrderedDict()
+    meta: dict[str, LayerMeta] = {}
+    for name, node, state in _named_modules(root):
+        prefix = f"{name}." if name else ""
+        params = state.get("_parameters") if isinstance(state.get("_parameters"), dict) else {}
+        buffers = state.get("_buffers") if isinstance(state.get("_buffers"), dict) else {}
+        hidden = state.get("_non_persistent_buffers_set")
+        hidden = hidden if isinstance(hidden, (set, frozenset)) else set()
+        for key, value in params.items():
+            if isinstance(key, str) and _tensor(value):
+                flat[prefix + key] = value
+        for key, value in buffers.items():
+            if isinstance(key, str) and key not in hidden and _tensor(value):
+                flat[prefix + key] = value
+        if _tensor(buffers.get("running_mean")) and _tensor(buffers.get("running_var")):
+            meta[name] = LayerMeta(
+                class_path=node.class_path,
+                eps=_number(state.get("eps")),
+                momentum=_number(state.get("momentum")),
+                momentum_given="momentum" in state,
+                affine=_bool(state.get("affine")),
+                track_running_stats=_bool(state.get("track_running_stats")),
+            )
+    return flat, meta, root.class_path
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _bool(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
