@@ -155,7 +155,7 @@ def bytes_read_by_inspect(path: Path) -> int:
     """Storage bytes bncli's torch-free zip reader read while inspecting `path` (its one read function, counted)."""
     code = (
         "import sys\n"
-        "import bncli.torchzip as tz\n"
+        "import bncli.formats.torch_zip as tz\n"
         "total = [0]\n"
         "orig = tz._read_at\n"
         "def counted(p, off, n):\n    total[0] += n\n    return orig(p, off, n)\n"

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bncli.commands.options import check_eps, format_option
+from bncli.commands.options import check_eps, format_option, output_file_option, summary_option
 from bncli.errors import ExitCode, UsageError
 from bncli.render import Format
 
@@ -67,6 +67,8 @@ def run(
     strip_prefix_b: Annotated[
         Optional[str], typer.Option("--strip-prefix-b", help="The same for B only: diff model.pt lightning.ckpt --strip-prefix-b model.")
     ] = None,
+    output_file: Annotated[Optional[Path], output_file_option()] = None,
+    summary: Annotated[Optional[Path], summary_option()] = None,
 ) -> None:
     """Compare the BatchNorm layers of two checkpoints, matched by name after stripping 'module.'/'_orig_mod.'.
 
@@ -78,7 +80,8 @@ def run(
     --only/--exclude pick layers by name (globs); --atol/--rtol let float noise count as identical;
     --state-a/--state-b compare two state dicts of one file (the model and its EMA).
     """
-    from bncli.console import emit, note
+    from bncli.console import note
+    from bncli.delivery import append_summary, deliver
     from bncli.diff import FAIL_IF_UNCHANGED, FAIL_ON_CHANGE, diff_files
     from bncli.render import renderer_for
 
@@ -94,7 +97,9 @@ def run(
         a, b, layer=layer, eps=eps, state=state, state_a=state_a, state_b=state_b, strip_prefix_a=strip_prefix_a,
         strip_prefix_b=strip_prefix_b, only=only or (), exclude=exclude or (), atol=atol, rtol=rtol, gate=gate,
     )  # fmt: skip
-    emit(render(report))
+    deliver(render(report), output_file)
+    if summary is not None:
+        append_summary(summary, renderer_for(Format.MARKDOWN, "diff")(report))
     code = exit_code(report)
     if code:
         from bncli.render.diff import gate_message

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import enum
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from bncli.commands.options import format_option
+from bncli.commands.options import format_option, output_file_option, summary_option
 from bncli.errors import ExitCode
 from bncli.render import Format
 from bncli.report import InspectReport, Severity
@@ -95,6 +96,8 @@ def run(
         Optional[str],
         typer.Option("--strip-prefix", help="Remove a prefix every key shares, e.g. 'model.' in a Lightning checkpoint."),
     ] = None,
+    output_file: Annotated[Optional[Path], output_file_option()] = None,
+    summary: Annotated[Optional[Path], summary_option()] = None,
 ) -> None:
     """Audit the running statistics and affine parameters of every BatchNorm layer in checkpoints.
 
@@ -105,7 +108,8 @@ def run(
     """
     from bncli.audit import expand_inputs, inspect_files
     from bncli.config import load_config, resolve_inspect
-    from bncli.console import emit, error_line, warn
+    from bncli.console import error_line, warn
+    from bncli.delivery import append_summary, deliver
     from bncli.render import renderer_for
 
     config = load_config()
@@ -130,7 +134,9 @@ def run(
     )
     for file in report.unreadable:
         error_line(file.error or "")  # the audit goes on with the other inputs
-    emit(render(report))
+    deliver(render(report), output_file)
+    if summary is not None:
+        append_summary(summary, renderer_for(Format.MARKDOWN, "inspect")(report))
     code = exit_code(report, settings.fail_on)
     if code:
         raise typer.Exit(code)

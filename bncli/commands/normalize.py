@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from bncli.commands.options import check_eps, format_option
+from bncli.commands.options import check_eps, format_option, output_file_option
+from bncli.errors import UsageError
 from bncli.render import Format
 
 COMMAND = {
@@ -65,13 +66,18 @@ def run(
         typer.Option("--output", "-o", help="Write the normalized tensor here (.pt or .safetensors), in the input's layout."),
     ] = None,
     fmt: Annotated[Format, format_option("normalize")] = Format.TABLE,
+    output_file: Annotated[Optional[Path], output_file_option(short=False)] = None,
 ) -> None:
     """Apply BatchNorm2d to a tensor in train or eval mode; print per-channel mean/std before and after.
 
     The output matches nn.BatchNorm2d's (to 1e-6 in float32). std is computed as torch.Tensor.std does (correction=1).
     In train mode the table also shows the running statistics after the update.
     """
-    from bncli.console import emit, warn
+    from bncli.console import warn
+    from bncli.delivery import deliver
+
+    if output_file is not None and output is not None and Path(output_file).absolute() == Path(output).absolute():
+        raise UsageError("--output-file (the report) and --output (the tensor) name the same file")
     from bncli.normalize import normalize
     from bncli.render import renderer_for
 
@@ -93,4 +99,4 @@ def run(
     )
     for message in report.warnings:
         warn(message)
-    emit(render(report))
+    deliver(render(report), output_file)

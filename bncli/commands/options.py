@@ -30,3 +30,23 @@ def format_option(command: str, help: str = "Output format.", default: str | Non
 
     extra = {"show_default": default} if default is not None else {}
     return typer.Option("--format", "-f", help=help, metavar=f"[{'|'.join(offered)}]", parser=parse, **extra)
+
+
+def output_file_option(short: bool = True):
+    """--output-file (and -o where the command has no --output of its own): the report goes to a file."""
+    names = ("--output-file", "-o") if short else ("--output-file",)
+    return typer.Option(
+        *names,
+        metavar="PATH",
+        help="Write the report to PATH (atomically, replacing it) instead of stdout; the exit code is the same.",
+        show_default=False,
+    )
+
+
+def summary_option():
+    return typer.Option(
+        "--summary",
+        metavar="PATH",
+        help='Also append the markdown report to PATH, e.g. "$GITHUB_STEP_SUMMARY" with --format github.',
+        show_default=False,
+    )

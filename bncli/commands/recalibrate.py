@@ -10,7 +10,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from bncli.commands.options import format_option
+from bncli.commands.options import format_option, output_file_option
+from bncli.errors import UsageError
 from bncli.render import Format
 
 COMMAND = {
@@ -87,6 +88,7 @@ def run(
         ),
     ] = None,
     fmt: Annotated[Format, format_option("recalibrate", help="Output format of the before/after table.")] = Format.TABLE,
+    output_file: Annotated[Optional[Path], output_file_option(short=False)] = None,
 ) -> None:
     """Re-estimate every BatchNorm layer's running_mean and running_var from calibration data, exactly.
 
@@ -95,7 +97,11 @@ def run(
     the values that reached each layer, accumulated in float64. Under torchrun each process reads its own share
     of the batches and the statistics are merged before rank 0 writes. Prints the before/after diff.
     """
-    from bncli.console import emit, warn
+    from bncli.console import warn
+    from bncli.delivery import deliver
+
+    if output_file is not None and output is not None and Path(output_file).absolute() == Path(output).absolute():
+        raise UsageError("--output-file (the report) and --output (the checkpoint) name the same file")
     from bncli.recalibrate import recalibrate
     from bncli.render import renderer_for
 
@@ -115,4 +121,4 @@ def run(
         warn=warn,
     )
     if report is not None:
-        emit(renderer_for(fmt, "recalibrate")(report))
+        deliver(renderer_for(fmt, "recalibrate")(report), output_file)
