@@ -170,9 +170,15 @@ def channel_profile(values, log_scale: bool = False, width: int = PROFILE_WIDTH)
     picked = []
     for i in range(width):
         lo, hi = i * n // width, (i + 1) * n // width
-        bucket = points[lo:hi]
-        invalid = np.isnan(bucket)
-        at = int(np.argmax(invalid)) if invalid.any() else int(np.argmax(np.abs(bucket - median)))
+        bucket, raw = points[lo:hi], values[lo:hi]
+        zero = (raw == 0) if log_scale else np.zeros(raw.shape, dtype=bool)
+        invalid = np.isnan(bucket) & ~zero  # NaN, Inf, a negative variance: shown before an exact 0
+        if invalid.any():
+            at = int(np.argmax(invalid))
+        elif zero.any():
+            at = int(np.argmax(zero))
+        else:
+            at = int(np.argmax(np.abs(bucket - median)))
         picked.append(float(values[lo + at]))
     return tuple(picked)
 

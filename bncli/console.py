@@ -230,9 +230,12 @@ def _console(name: str, **options):
     return Console(file=_Buffer(encoding), force_terminal=True if tty else None, highlight=False, **options)
 
 
-def stdout_console():
-    """The Rich console for tables on stdout (rendering into a string: `emit` writes it)."""
-    return _console("stdout", width=_width())
+def stdout_console(wide: bool = False):
+    """The Rich console for tables on stdout (rendering into a string: `emit` writes it); `wide`: room for every
+    column of every table (--wide)."""
+    from bncli.render.layout import WIDE
+
+    return _console("stdout", width=WIDE if wide else _width())
 
 
 def stderr_console():
@@ -278,17 +281,18 @@ def _to_devnull(stream) -> None:
 
 def render(renderable, console) -> str:
     """A Rich renderable as the text (with colour codes where the stream has colour) it would print."""
-    console.print(renderable)
+    console.print(renderable, crop=False)
     return console.file.getvalue()
 
 
-def emit(rendered) -> None:
+def emit(rendered, wide: bool = False) -> None:
     """Print a rendered report on stdout: strings as they are (JSON never goes through Rich), renderables via
-    Rich, rendered first so that no line can start a GitHub workflow command."""
+    Rich, rendered first so that no line can start a GitHub workflow command. A table wider than the console
+    is never cropped (its columns were chosen to fit; what cannot fit is longer lines, not cut cells)."""
     if isinstance(rendered, str):
         _write("stdout", rendered + "\n")
     else:
-        _write("stdout", no_command_lines(render(rendered, stdout_console())))
+        _write("stdout", no_command_lines(render(rendered, stdout_console(wide))))
 
 
 def _stderr_line(prefix: str, style: str, message: str, message_style: str = "") -> None:

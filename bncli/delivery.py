@@ -16,30 +16,32 @@ from pathlib import Path
 FILE_WIDTH = 160  # a table written to a file has no terminal: the width bncli uses when stdout is piped
 
 
-def file_text(rendered) -> str:
-    """A rendered report as the text a file gets: strings as they are, Rich renderables without colour."""
+def file_text(rendered, wide: bool = False) -> str:
+    """A rendered report as the text a file gets: strings as they are, Rich renderables without colour, at the
+    width of a piped stdout (every column with --wide), trailing spaces removed."""
     if isinstance(rendered, str):
         return rendered
     from rich.console import Console
 
-    from bncli.console import no_command_lines
+    from bncli.console import no_command_lines, render
+    from bncli.render.layout import WIDE
 
-    console = Console(file=io.StringIO(), width=FILE_WIDTH, color_system=None, force_terminal=False, highlight=False)
-    console.print(rendered)
-    lines = no_command_lines(console.file.getvalue()).rstrip("\n").split("\n")
+    width = WIDE if wide else FILE_WIDTH
+    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False, highlight=False)
+    lines = no_command_lines(render(rendered, console)).rstrip("\n").split("\n")
     return "\n".join(line.rstrip() for line in lines)  # Rich pads every line to the width
 
 
-def deliver(rendered, output_file: Path | None = None) -> None:
+def deliver(rendered, output_file: Path | None = None, wide: bool = False) -> None:
     """The report on stdout, or atomically in `output_file` (an error leaves the old file untouched)."""
     if output_file is None:
         from bncli.console import emit
 
-        emit(rendered)
+        emit(rendered, wide=wide)
         return
     from bncli.atomic import write_atomic
 
-    data = (file_text(rendered) + "\n").encode("utf-8", "surrogateescape")
+    data = (file_text(rendered, wide) + "\n").encode("utf-8", "surrogateescape")
     write_atomic(output_file, lambda fh: fh.write(data))
 
 

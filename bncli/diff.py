@@ -107,6 +107,12 @@ class DiffReport:
     def unchanged(self) -> tuple[str, ...]:
         return tuple(x.name for x in self.layers if x.verdict == IDENTICAL)
 
+    def to_json(self) -> str:
+        """Exactly what `bncli diff --format json` prints for this report."""
+        from bncli.render.diff import diff_json
+
+        return diff_json(self)
+
 
 def check_tolerances(atol: float, rtol: float) -> None:
     for name, value in (("--atol", atol), ("--rtol", rtol)):
@@ -393,3 +399,8 @@ def _reduce(values, fn) -> float | None:
         return float("nan")
     return float(fn(values))
 
+
+
+from bncli.api import callable_module  # noqa: E402 - last: the module is complete before it becomes callable
+
+callable_module(__name__, "diff")

@@ -81,23 +81,67 @@ def batchnorm_modules(model) -> list[tuple[str, Any]]:
     ]
 
 
+def select_modules(model, layers: Iterable[str] | str | None = None, option: str = "--layers") -> list[tuple[str, Any]]:
+    """The BatchNorm modules to re-estimate: all of them, or those whose names match one of the globs in `layers`.
+    A glob that matches none is an input error naming the layers there are (a typo must not pass silently)."""
+    import fnmatch
+
+    found = batchnorm_modules(model)
+    if layers is None:
+        return found
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    if not patterns:
+        return found
+    names = [n for n, _ in found]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            raise InputError(f"{option} {pattern!r} matches no BatchNorm layer of the model" + (f"; layers: {shown}" if names else ""))
+    return [(n, m) for n, m in found if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def default_forward(model, batch, device=None, dtype=None) -> None:
+    """`model(batch)`, or `model(batch[0])` for a tuple or list (an (inputs, targets) pair); tensors are moved to
+    the model's device and floating dtype first. Other batches (dicts, custom objects) need a forward function."""
+    import torch
+
+    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if not isinstance(x, torch.Tensor):
+        raise InputError(
+            f"a batch of type {type(batch).__name__} is not a tensor or a tuple starting with one; say how it reaches "
+            "the model with a forward function (--forward MODULE:FN, forward(model, batch))"
+        )
+    if device is not None or dtype is not None:
+        x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+    run_model(model, x)
+
+
 def population_moments(
     model,
-    batches: Iterable[torch.Tensor],
+    batches: Iterable[Any],
     device: str = "cpu",
     on_batch: Callable[[], None] | None = None,
+    *,
+    forward: Callable[[Any, Any], Any] | None = None,
+    layers: list[tuple[str, Any]] | None = None,
 ) -> tuple[dict[str, Moments], int]:
     """Run the batches through the model, BatchNorm layers in train mode and everything else in eval mode,
     and accumulate the moments of every BatchNorm layer's inputs; return them and the number of batches.
 
+    `forward(model, batch)` runs one batch (default: default_forward, moving tensors to `device` and the model's
+    dtype); `layers` (default: every BatchNorm layer) are the ones measured: the others stay in eval mode.
     BatchNorm's own running buffers are updated by the forward passes but never read: the statistics come
     from the hooks, so momentum and the buffers' initial values do not matter.
     """
     import torch
 
-    layers = batchnorm_modules(model)
+    layers = batchnorm_modules(model) if layers is None else layers
     moments: dict[str, Moments | None] = {name: None for name, _ in layers}
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if forward is None:
+
+        def forward(model, batch):
+            default_forward(model, batch, device, dtype)
 
     def hook_for(name: str):
         def hook(module, args):
@@ -119,8 +163,7 @@ def population_moments(
     try:
         with torch.no_grad():
             for batch in batches:
-                x = batch.to(device=device, dtype=dtype)
-                forward(model, x)
+                forward(model, batch)
                 count += 1
                 if on_batch is not None:
                     on_batch()
@@ -145,7 +188,7 @@ def _local_batch_norm(module):
     return forward
 
 
-def forward(model, x) -> None:
+def run_model(model, x) -> None:
     try:
         model(x)
     except (RuntimeError, ValueError, TypeError) as exc:
@@ -532,3 +575,8 @@ def _safetensors_bytes(path: Path, updates: dict[str, Any], prefix: str) -> byte
         full = prefix + key
         tensors[full] = _like(tensors[full], value)
     return save(tensors, metadata=metadata)
+
+
+from bncli.api import callable_module  # noqa: E402 - last: the module is complete before it becomes callable
+
+callable_module(__name__, "recalibrate")

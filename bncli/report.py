@@ -104,6 +104,12 @@ class InspectReport:
     def worst(self) -> Severity | None:
         return max((f.severity for f in self.findings), key=lambda s: s.rank, default=None)
 
+    def to_json(self) -> str:
+        """Exactly what `bncli inspect --format json` prints for this report."""
+        from bncli.render.json import inspect_json
+
+        return inspect_json(self)
+
 
 @dataclass(frozen=True)
 class ChannelStats:

@@ -286,11 +286,13 @@ def check_collapsed_var(layer: BNLayer, t: Thresholds) -> Hits:
     worst = min(bad, key=lambda c: var[c])
     with np.errstate(divide="ignore"):
         scale = float(1.0 / np.sqrt(var[worst] + eps))
+    zeros = int(np.count_nonzero(var[list(bad)] == 0))
+    exact = f", {zeros} of the {len(bad)} exactly 0" if zeros and t.collapsed_below > 0 else ""  # pruned, not tiny
     below = f"running_var below {t.collapsed_below:g}" if t.collapsed_below > 0 else "running_var 0"
     return [
         (
             bad,
-            f"{below} in channel(s) {_show(bad)}: the normalization scale "
+            f"{below} in channel(s) {_show(bad)}{exact}: the normalization scale "
             f"1/sqrt(running_var + eps) reaches {scale:.4g} (channel {worst}, eps={eps:g})",
         )
     ]

@@ -16,7 +16,7 @@ from bncli.render import Format, UnsupportedFormat, renderer_for
 from bncli.render.github import command, escape_data, escape_property, inspect_github
 from bncli.render.json import inspect_json
 from bncli.render.markdown import cell, inspect_markdown
-from bncli.render.spark import INVALID, var_spark, weight_spark
+from bncli.render.spark import INVALID, ZERO, var_spark, weight_spark
 from bncli.report import FileReport, Finding, InspectReport, Severity
 
 SCHEMA = json.loads((ROOT / "docs" / "schema" / "inspect.json").read_text())
@@ -64,7 +64,8 @@ def test_sparkline_one_block_per_channel_low_to_high():
 
 
 def test_sparkline_marks_values_log10_cannot_take():
-    assert var_spark([1.0, float("nan"), 0.0, -1.0, float("inf"), 10.0]) == f"▁{INVALID * 4}█"
+    assert var_spark([1.0, float("nan"), 0.0, -1.0, float("inf"), 10.0]) == f"▁{INVALID}{ZERO}{INVALID * 2}█"
+    assert var_spark([0.0, 0.0, 1.0]) == f"{ZERO}{ZERO}▄"  # a pruned layer is not a corrupt one
     assert var_spark([float("nan")] * 3) == INVALID * 3
 
 
@@ -238,7 +239,8 @@ def test_table_shows_sparklines_findings_and_unreadable(cli):
     out = result.stdout
     assert "log10 var" in out and "█×█▁█▁██████████" in out  # features.5: NaN in channel 3, collapsed 7 and 11
     assert "▁▁▁▇▇██▇█▇███▇▇▇" in out  # features.9 |weight|: dead channels 0, 2, 5
-    assert "unreadable: missing.pt: no such file" in out
+    assert "missing.pt" not in out  # an unreadable input is said once, on stderr, and counted in the summary
+    assert result.stderr == "error: missing.pt: no such file\n"
     last = "2 files (1 unreadable), 3 BatchNorm layers, 80 channels; findings: 3 errors, 1 warning, 2 info"
     assert out.rstrip().splitlines()[-1] == last
 
@@ -271,29 +273,6 @@ def test_per_channel_values_are_exact(make_ckpt):
     assert Path(rep.files[0].path).exists()
 
 
-def render_at(report: InspectReport, width: int) -> str:
-    import io
-
-    from rich.console import Console
-
-    from bncli.render.table import inspect_table
-
-    out = io.StringIO()
-    Console(file=out, width=width, no_color=True, highlight=False).print(inspect_table(report))
-    return out.getvalue()
-
-
-def test_table_gives_up_detail_not_readability_on_narrow_terminals():
-    rep = inspect_files([SAMPLES / "model_defects.pt"])
-    wide, medium, narrow = (render_at(rep, w) for w in (200, 140, 80))
-    assert "█×█▁█▁██████████" in wide and "mean" in wide
-    assert "×▁▁█████" in medium and "█×█▁█▁██████████" not in medium  # 8 buckets of 4 channels: NaN in channel 3 first
-    assert "per channel" not in narrow and "mean" not in narrow.split("findings")[0].split("\n", 3)[1]
-    for text, width in ((wide, 200), (medium, 140), (narrow, 80)):
-        assert max(len(line) for line in text.splitlines()[:6]) <= width
-        assert "features.1 │ 16 │" in text  # layer names are never squeezed
-
-
 def test_profile_keeps_each_buckets_outlier_and_invalid_channels():
     import numpy as np
 
@@ -312,20 +291,30 @@ def test_profile_keeps_each_buckets_outlier_and_invalid_channels():
     assert var_spark(channel_profile(var, log_scale=True)) == var_spark([float(v) for v in var])
 
 
-@pytest.mark.parametrize("name", ["model_defects.pt", "model.safetensors"])
-def test_natural_width_equals_rich_measurement(name):
-    """The cheap width estimate that picks the table's detail level agrees with Rich's own measurement."""
-    import io
+def test_profile_shows_an_invalid_channel_before_an_exact_zero():
+    import numpy as np
 
-    from conftest import SAMPLES
-    from rich.console import Console
-    from rich.measure import Measurement
+    from bncli.audit import channel_profile
 
-    from bncli.render.table import _FitWidth, _layer_table, natural_width
+    var = np.ones(64, dtype=np.float32)
+    var[8], var[10] = 0.0, np.nan  # one bucket (channels 8-11): the NaN wins
+    var[20] = 0.0  # another: the zero
+    profile = channel_profile(var, log_scale=True)
+    assert np.isnan(profile[2]) and profile[5] == 0.0
+    assert var_spark(profile)[2] == INVALID and var_spark(profile)[5] == ZERO
 
-    (file,) = inspect_files([SAMPLES / name]).files
-    console = Console(width=300, file=io.StringIO())
-    for spark, means in _FitWidth.LEVELS:
-        for flags in (False, True):
-            table = _layer_table(file, spark, means, flags=flags)
-            assert natural_width(table) == Measurement.get(console, console.options.update(max_width=10**6), table).maximum
+
+def test_collapsed_variance_counts_the_exact_zeros():
+    import numpy as np
+
+    from bncli.layers import BNLayer
+    from bncli.rules import Thresholds, check_collapsed_var
+
+    var = np.ones(12, dtype=np.float32)
+    var[[1, 2, 3]] = 0.0
+    var[7] = 1e-8
+    layer = BNLayer(name="bn", running_mean=np.zeros(12, dtype=np.float32), running_var=var, weight=None, bias=None,
+                    num_batches_tracked=10, dtype="float32")
+    ((channels, message),) = check_collapsed_var(layer, Thresholds())
+    assert channels == (1, 2, 3, 7)
+    assert message.startswith("running_var below 1e-05 in channel(s) 1, 2, 3, 7, 3 of the 4 exactly 0: ")

@@ -67,6 +67,9 @@ def run(
     strip_prefix_b: Annotated[
         Optional[str], typer.Option("--strip-prefix-b", help="The same for B only: diff model.pt lightning.ckpt --strip-prefix-b model.")
     ] = None,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Tables with every column, however narrow the terminal (lines may be longer).")
+    ] = False,
     output_file: Annotated[Optional[Path], output_file_option()] = None,
     summary: Annotated[Optional[Path], summary_option()] = None,
 ) -> None:
@@ -97,7 +100,7 @@ def run(
         a, b, layer=layer, eps=eps, state=state, state_a=state_a, state_b=state_b, strip_prefix_a=strip_prefix_a,
         strip_prefix_b=strip_prefix_b, only=only or (), exclude=exclude or (), atol=atol, rtol=rtol, gate=gate,
     )  # fmt: skip
-    deliver(render(report), output_file)
+    deliver(render(report), output_file, wide=wide)
     if summary is not None:
         append_summary(summary, renderer_for(Format.MARKDOWN, "diff")(report))
     code = exit_code(report)

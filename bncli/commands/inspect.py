@@ -96,6 +96,9 @@ def run(
         Optional[str],
         typer.Option("--strip-prefix", help="Remove a prefix every key shares, e.g. 'model.' in a Lightning checkpoint."),
     ] = None,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Tables with every column, however narrow the terminal (lines may be longer).")
+    ] = False,
     output_file: Annotated[Optional[Path], output_file_option()] = None,
     summary: Annotated[Optional[Path], summary_option()] = None,
 ) -> None:
@@ -134,7 +137,7 @@ def run(
     )
     for file in report.unreadable:
         error_line(file.error or "")  # the audit goes on with the other inputs
-    deliver(render(report), output_file)
+    deliver(render(report), output_file, wide=wide)
     if summary is not None:
         append_summary(summary, renderer_for(Format.MARKDOWN, "inspect")(report))
     code = exit_code(report, settings.fail_on)

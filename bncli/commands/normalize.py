@@ -66,6 +66,9 @@ def run(
         typer.Option("--output", "-o", help="Write the normalized tensor here (.pt or .safetensors), in the input's layout."),
     ] = None,
     fmt: Annotated[Format, format_option("normalize")] = Format.TABLE,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Tables with every column, however narrow the terminal (lines may be longer).")
+    ] = False,
     output_file: Annotated[Optional[Path], output_file_option(short=False)] = None,
 ) -> None:
     """Apply BatchNorm2d to a tensor in train or eval mode; print per-channel mean/std before and after.
@@ -99,4 +102,4 @@ def run(
     )
     for message in report.warnings:
         warn(message)
-    deliver(render(report), output_file)
+    deliver(render(report), output_file, wide=wide)

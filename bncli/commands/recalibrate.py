@@ -88,6 +88,9 @@ def run(
         ),
     ] = None,
     fmt: Annotated[Format, format_option("recalibrate", help="Output format of the before/after table.")] = Format.TABLE,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Tables with every column, however narrow the terminal (lines may be longer).")
+    ] = False,
     output_file: Annotated[Optional[Path], output_file_option(short=False)] = None,
 ) -> None:
     """Re-estimate every BatchNorm layer's running_mean and running_var from calibration data, exactly.
@@ -121,4 +124,4 @@ def run(
         warn=warn,
     )
     if report is not None:
-        deliver(renderer_for(fmt, "recalibrate")(report), output_file)
+        deliver(renderer_for(fmt, "recalibrate")(report), output_file, wide=wide)

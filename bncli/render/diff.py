@@ -6,13 +6,13 @@ import dataclasses
 from typing import Any
 
 from rich.console import Group, RenderableType
-from rich.table import Table
 from rich.text import Text
 
 from bncli.console import md_code, md_text, no_command_lines, terminal, text
 from bncli.diff import CHANGED, FAIL_IF_UNCHANGED, FAIL_ON_CHANGE, IDENTICAL, SHAPE_CHANGED, DiffReport, LayerDiff
 from bncli.render.github import command
 from bncli.render.json import SCHEMA_VERSION, _dump
+from bncli.render.layout import Column, Grid
 from bncli.render.table import fmt
 
 VERDICT_STYLES = {IDENTICAL: "green", CHANGED: "yellow", SHAPE_CHANGED: "bold red"}
@@ -100,6 +100,22 @@ def gate_message(report: DiffReport) -> str:
     return f"--{report.gate}: {len(names)} BatchNorm layer{'s' if len(names) != 1 else ''} {what}: {shown}"
 
 
+# The columns of the layer and channel tables; `drop`: the order in which a narrow console gives them up.
+LAYER_DROP = {"C": None, "layer": None, "verdict": None, "max mean\nshift": 8, "var ratio\nmin": 6, "var ratio\nmax": 7,
+              "mean\nsym KL": 4, "zero\nvar": 5, "Δ\nbatches": 3, "max\n|Δweight|": 2, "max\n|Δbias|": 1}
+CHANNEL_DROP = {"ch": None, "mean A": 5, "mean B": 6, "mean shift": None, "var A": 7, "var B": 8, "var ratio": None,
+                "sym KL": 4, "Δweight": 2, "Δbias": 1, "changed": None}
+CHANNEL_COLUMNS = tuple(Column(h, justify="left" if h == "changed" else "right", drop=CHANNEL_DROP[h]) for h in CHANNEL_HEADERS)
+
+
+def layer_columns(headers: tuple[str, ...]) -> tuple[Column, ...]:
+    return tuple(
+        Column(h, justify="left" if h in ("layer", "verdict") else "right", wrap="." if h == "layer" else None,
+               drop=LAYER_DROP[h])
+        for h in headers
+    )
+
+
 def legend(report: DiffReport) -> str:
     zero = "zero var = channels with var 0 in A or B; " if _with_zero_var(report) else ""
     return (f"mean shift = |mean_B - mean_A| / sqrt(var_A + eps); var ratio = var_B / var_A{' where both > 0' if zero else ''}; "
@@ -110,23 +126,16 @@ def diff_table(report: DiffReport) -> RenderableType:
     parts: list[RenderableType] = [text(title_line(report), style="bold")]
     single = len(report.layers) == 1 and report.layers[0].channels is not None
     if report.layers:
-        table = Table(show_edge=False, pad_edge=False, header_style="bold")
         zero_var = _with_zero_var(report)
-        for i, header in enumerate(layer_headers(report)):
-            table.add_column(header, justify="left" if i in (0, 2) else "right", no_wrap=i != 0, overflow="fold")
+        rows = []
         for layer in report.layers:
             cells = layer_cells(layer, zero_var)
-            table.add_row(text(cells[0]), cells[1], Text(cells[2], style=VERDICT_STYLES[layer.verdict]), *cells[3:])
-        parts.append(table)
+            rows.append([terminal(cells[0]), cells[1], (cells[2], VERDICT_STYLES[layer.verdict]), *cells[3:]])
+        parts.append(Grid(layer_columns(layer_headers(report)), rows))
     if single:
         layer = report.layers[0]
-        table = Table(title=text(f"layer {layer.name}, channel by channel"), title_justify="left", show_edge=False,
-                      pad_edge=False, header_style="bold")
-        for header in CHANNEL_HEADERS:
-            table.add_column(header, justify="right", no_wrap=True)
-        for row in channel_cells(layer):
-            table.add_row(*row)
-        parts.append(table)
+        parts.append(text(f"layer {layer.name}, channel by channel"))
+        parts.append(Grid(CHANNEL_COLUMNS, channel_cells(layer)))
     for label, names in (("only in A", report.only_a), ("only in B", report.only_b)):
         if names:
             parts.append(text(f"{label}: {', '.join(names)}", style="red"))
