@@ -50,3 +50,16 @@ def summary_option():
         help='Also append the markdown report to PATH, e.g. "$GITHUB_STEP_SUMMARY" with --format github.',
         show_default=False,
     )
+
+
+def require_torch(command: str) -> None:
+    """normalize and recalibrate run PyTorch; without it (`pip install bncli` is the audit only) say which extra."""
+    try:
+        import torch  # noqa: F401 - the command imports it next anyway
+    except ImportError:
+        from bncli.errors import InputError
+
+        raise InputError(
+            f"`bncli {command}` needs PyTorch, which is not installed here: pip install 'bncli[torch]' "
+            "(inspect, diff and rules work without it)"
+        ) from None

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from bncli.commands.options import format_option, output_file_option
+from bncli.commands.options import format_option, output_file_option, require_torch
 from bncli.errors import UsageError
 from bncli.render import Format
 
@@ -102,6 +102,8 @@ def run(
     """
     from bncli.console import warn
     from bncli.delivery import deliver
+
+    require_torch("recalibrate")
 
     if output_file is not None and output is not None and Path(output_file).absolute() == Path(output).absolute():
         raise UsageError("--output-file (the report) and --output (the checkpoint) name the same file")
