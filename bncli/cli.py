@@ -16,7 +16,7 @@ app = typer.Typer(
     name="bncli",
     help="Audit and apply BatchNorm layers from PyTorch checkpoints, without the model's code.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
     # Click's help layout everywhere (bncli/clistyle.py): one style at a terminal and in a CI log, and it skips
     # importing Rich's Markdown and Pygments (about 2x the cost of `import typer`).
@@ -88,7 +88,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_options(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool, typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
     debug: Annotated[
         bool, typer.Option("--debug", envvar="BNCLI_DEBUG", help="Show the traceback of an error (anywhere on the line).")

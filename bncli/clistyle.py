@@ -233,16 +233,23 @@ def help_record(param, ctx) -> tuple[str, str] | None:
 
 
 class _Converted:
-    """Install the conversion on every parameter, the lazily made --help option included."""
+    """Install the conversion on every parameter the command parses: its own, the lazily made --help option and
+    those typer adds after construction (--install-completion, --show-completion)."""
+
+    unconverted: list[str]
 
     def _install(self) -> None:
-        self.unconverted = [p.name for p in self.params if not install_conversion(p)]
+        self.unconverted = []
+        self._converted: set[int] = set()
 
-    def get_help_option(self, ctx):
-        option = super().get_help_option(ctx)
-        if option is not None and not install_conversion(option):
-            self.unconverted.append(option.name)
-        return option
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if id(param) not in self._converted:
+                self._converted.add(id(param))
+                if not install_conversion(param):
+                    self.unconverted.append(param.name)
+        return params
 
 
 class BncliCommand(_Converted, TyperCommand):

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bncli.commands.options import format_option, output_file_option, summary_option
+from bncli.commands.options import config_option, format_option, isolated_option, output_file_option, quiet_option, summary_option
 from bncli.errors import ExitCode
 from bncli.render import Format
 from bncli.report import InspectReport, Severity
@@ -101,6 +101,9 @@ def run(
     ] = False,
     output_file: Annotated[Optional[Path], output_file_option()] = None,
     summary: Annotated[Optional[Path], summary_option()] = None,
+    config: Annotated[Optional[Path], config_option()] = None,
+    isolated: Annotated[bool, isolated_option()] = False,
+    quiet: Annotated[bool, quiet_option()] = False,
 ) -> None:
     """Audit the running statistics and affine parameters of every BatchNorm layer in checkpoints.
 
@@ -114,16 +117,17 @@ def run(
     from bncli.console import error_line, warn
     from bncli.delivery import append_summary, deliver
     from bncli.render import renderer_for
+    from bncli.render.common import summary_line
 
-    config = load_config()
-    for message in config.warnings:
+    loaded = load_config(path=config, isolated=isolated)
+    for message in loaded.warnings:
         warn(message)
     options = {
         "format": fmt, "fail-on": fail_on, "select": select, "ignore": ignore, "require-bn": require_bn,
         "eps": eps, "min-var": min_var, "max-var": max_var, "max-mean": max_mean, "dead-weight": dead_weight,
         "max-fold-spread": max_fold_spread,
     }  # fmt: skip
-    settings = resolve_inspect(options, config)
+    settings = resolve_inspect(options, loaded)
     render = renderer_for(Format(settings.format), "inspect")  # before the audit: a bad format fails fast
 
     report = inspect_files(
@@ -137,7 +141,7 @@ def run(
     )
     for file in report.unreadable:
         error_line(file.error or "")  # the audit goes on with the other inputs
-    deliver(render(report), output_file, wide=wide)
+    deliver(summary_line(report) if quiet and settings.format == Format.TABLE.value else render(report), output_file, wide=wide)
     if summary is not None:
         append_summary(summary, renderer_for(Format.MARKDOWN, "inspect")(report))
     code = exit_code(report, settings.fail_on)

@@ -7,8 +7,10 @@ import math
 import typer
 
 
-def check_eps(value: float) -> float:
-    """eps >= 0: torchvision's FrozenBatchNorm2d models use 0 (`overwrite_eps(model, 0.0)`)."""
+def check_eps(value: float | None) -> float | None:
+    """eps >= 0: torchvision's FrozenBatchNorm2d models use 0 (`overwrite_eps(model, 0.0)`); None: not given."""
+    if value is None:
+        return None
     if not (math.isfinite(value) and value >= 0):
         raise typer.BadParameter("eps must be a finite number >= 0")
     return value
@@ -63,3 +65,20 @@ def require_torch(command: str) -> None:
             f"`bncli {command}` needs PyTorch, which is not installed here: pip install 'bncli[torch]' "
             "(inspect, diff and rules work without it)"
         ) from None
+
+
+def config_option():
+    return typer.Option(
+        "--config",
+        metavar="PATH",
+        help="Read the settings from this file: a pyproject.toml ([tool.bncli]) or a TOML file of bncli settings.",
+        show_default="the nearest pyproject.toml",
+    )
+
+
+def isolated_option():
+    return typer.Option("--isolated", help="Ignore every configuration file: only the command line and the defaults.")
+
+
+def quiet_option():
+    return typer.Option("--quiet", "-q", help="Print only the summary line (and errors) instead of the table.")
