@@ -121,7 +121,7 @@ def load_config(start: Path | None = None, path: Path | None = None, isolated: b
 
 # [tool.bncli.diff]: the settings of `bncli diff` (the top-level eps, the layers' eps, applies to it too).
 DIFF_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
-    "format": ((str,), "one of table, json, markdown, github"),
+    "format": ((str,), "one of table, json, markdown, github, sarif"),
     "eps": ((int, float), "a number >= 0"),
     "atol": ((int, float), "a number >= 0"),
     "rtol": ((int, float), "a number >= 0"),
@@ -141,6 +141,11 @@ def _diff_table(path: Path, table: dict) -> dict[str, Any]:
             raise ConfigError(f"{path}: [tool.bncli.diff] {key} must be {what}; got {value!r}")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not (0 <= value < float("inf")):
             raise ConfigError(f"{path}: [tool.bncli.diff] {key} must be {what}; got {value!r}")
+        if name == "format":
+            from bncli.render import RENDERERS, Format
+
+            if value not in {f.value for f in Format if ("diff", f) in RENDERERS}:
+                raise ConfigError(f"{path}: [tool.bncli.diff] {key} must be {what}; got {value!r}")
         values[name] = value
     return values
 

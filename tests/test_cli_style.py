@@ -66,7 +66,7 @@ def test_defaults_in_one_style_across_commands(cli):
     ("args", "message"),
     [
         (("inspect", "x.pt", "--format", "jsn"), "'jsn' is not one of table, json, markdown, github, sarif."),
-        (("diff", "a.pt", "b.pt", "--format", "jsn"), "'jsn' is not one of table, json, markdown, github."),
+        (("diff", "a.pt", "b.pt", "--format", "jsn"), "'jsn' is not one of table, json, markdown, github, sarif."),
         (("normalize", "x.pt", "--format", "jsn"), "'jsn' is not one of table, json."),
         (("inspect", "x.pt", "--fail-on", "warn"), "'warn' is not one of error, warning, info, never."),
         (("inspect", "x.pt", "--max-var", "big"), "'big' is not a valid number."),
@@ -168,4 +168,4 @@ def test_inspect_of_safetensors_imports_neither_pydantic_nor_torch():
 
 def test_format_help_lists_only_what_the_command_writes(cli):
     assert "-f, --format [table|json]" in cli("normalize", "--help").stdout
-    assert "-f, --format [table|json|markdown|github]" in cli("diff", "--help").stdout
+    assert "-f, --format [table|json|markdown|github|sarif]" in cli("diff", "--help").stdout

@@ -85,6 +85,7 @@ def test_diff_reads_its_table_and_the_shared_eps(cli, project):
         ('[tool.bncli.diff]\nformt = "json"\n', "unknown key 'formt' in [tool.bncli.diff]"),
         ("[tool.bncli.diff]\natol = -1\n", "[tool.bncli.diff] atol must be a number >= 0"),
         ('[tool.bncli.diff]\nfail-on-change = "yes"\n', "[tool.bncli.diff] fail-on-change must be true or false"),
+        ('[tool.bncli.diff]\nformat = "xml"\n', "[tool.bncli.diff] format must be one of table, json, markdown, github, sarif"),
     ],
 )
 def test_a_bad_diff_table_is_a_usage_error(cli, project, table, message):

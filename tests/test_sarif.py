@@ -153,3 +153,24 @@ def test_the_validator_catches_a_missing_required_field():
         check_sarif_required({"version": "2.1.0", "runs": [{"tool": {"driver": {}}}]})
     with pytest.raises((AssertionError, KeyError)):
         check_sarif_required({"version": "2.1.0", "runs": [{"tool": {"driver": {"name": "x"}}, "results": [{"ruleId": "a"}]}]})
+
+
+def test_diff_gates_as_sarif(cli, monkeypatch):
+    monkeypatch.chdir(SAMPLES.parent)
+    a, b = "sample_data/model.pt", "sample_data/model_defects.pt"
+    gated = cli("diff", a, b, "--fail-on-change", "--format", "sarif")
+    assert gated.exit_code == 1
+    log = json.loads(gated.stdout)
+    check_sarif_required(log)
+    (run,) = log["runs"]
+    assert [r["id"] for r in run["tool"]["driver"]["rules"]] == ["fail-on-change", "fail-if-unchanged"]
+    names = [x["locations"][0]["logicalLocations"][0]["name"] for x in run["results"]]
+    assert names == json.loads(cli("diff", a, b, "--fail-on-change", "-f", "json").stdout)["gate"]["layers"]
+    assert all(x["ruleId"] == "fail-on-change" and x["level"] == "error" for x in run["results"])
+    assert run["results"][0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == b
+    plain = json.loads(cli("diff", a, b, "--format", "sarif").stdout)
+    check_sarif_required(plain)
+    assert plain["runs"][0]["results"] == []  # no gate, nothing violated
+    same = json.loads(cli("diff", a, a, "--fail-if-unchanged", "--format", "sarif").stdout)
+    check_sarif_required(same)
+    assert {x["ruleId"] for x in same["runs"][0]["results"]} == {"fail-if-unchanged"}

@@ -35,6 +35,7 @@ RENDERERS = {
     ("diff", Format.JSON): "diff:diff_json",
     ("diff", Format.MARKDOWN): "diff:diff_markdown",
     ("diff", Format.GITHUB): "diff:diff_github",
+    ("diff", Format.SARIF): "sarif:diff_sarif",
     ("recalibrate", Format.TABLE): "diff:recalibrate_table",
     ("recalibrate", Format.JSON): "diff:recalibrate_json",
     ("recalibrate", Format.MARKDOWN): "diff:recalibrate_markdown",

@@ -105,3 +105,56 @@ def inspect_payload(report: InspectReport, cwd: str | None = None) -> dict:
 def inspect_sarif(report: InspectReport) -> str:
     # json.dumps escapes every file-derived string for JSON (bncli/console.py's JSON escaping is this same call).
     return json.dumps(inspect_payload(report), indent=2)
+
+
+# `bncli diff` gates as SARIF rules: a result for each layer that violates the gate given, on file B.
+DIFF_DOCS = "https://github.com/bncli/bncli/blob/main/docs/diff.md#exit-codes-and-ci"
+DIFF_GATES = {
+    "fail-on-change": ("A BatchNorm layer differs between A and B while it must stay frozen (--fail-on-change).",
+                       "Frozen BatchNorm layers (fine-tuning with the backbone frozen) must keep their statistics: a "
+                       "layer in train mode updates them anyway. Put the frozen modules in eval mode, or set "
+                       "momentum=0 / requires_grad=False as your recipe intends."),
+    "fail-if-unchanged": ("A BatchNorm layer is identical in A and B while fine-tuning must update it (--fail-if-unchanged).",
+                          "A layer that fine-tuning did not touch ran in eval mode or was left out of the optimizer: "
+                          "its statistics still describe the old data. Check model.train() and the parameter groups."),
+}
+
+
+def diff_payload(report, cwd: str | None = None) -> dict:
+    uri = artifact_uri(report.path_b, cwd)
+    location = {"physicalLocation": {"artifactLocation": {"uri": uri}, "region": {"startLine": 1}}}
+    gates = list(DIFF_GATES)
+    results = []
+    if report.gate is not None:
+        verdicts = {layer.name: layer.verdict for layer in report.layers}
+        names = list(report.violations) or ([None] if report.failed else [])
+        for name in names:
+            text = f"{name}: {verdicts.get(name, '')}" if name is not None else "no BatchNorm layer is in both checkpoints"
+            key = json.dumps([uri, report.gate, name])
+            results.append({
+                "ruleId": report.gate,
+                "ruleIndex": gates.index(report.gate),
+                "level": "error",
+                "message": {"text": f"--{report.gate}: {text}"},
+                "locations": [{**location, **({"logicalLocations": [{"name": name, "kind": "member"}]} if name else {})}],
+                "partialFingerprints": {FINGERPRINT: hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()},
+            })
+    rules = [
+        {"id": gate, "name": gate, "shortDescription": {"text": short}, "fullDescription": {"text": short},
+         "help": {"text": f"{short} {fix}", "markdown": f"{short}\n\n{fix}"}, "helpUri": DIFF_DOCS,
+         "defaultConfiguration": {"level": "error"}}
+        for gate, (short, fix) in DIFF_GATES.items()
+    ]
+    run = {
+        "tool": {"driver": {"name": "bncli", "version": __version__, "semanticVersion": __version__,
+                            "informationUri": "https://github.com/bncli/bncli", "rules": rules}},
+        "invocations": [{"executionSuccessful": True, "toolExecutionNotifications": []}],
+        "results": results,
+        "columnKind": "unicodeCodePoints",
+        "automationDetails": {"id": "bncli-diff/"},
+    }
+    return {"$schema": SCHEMA_URI, "version": "2.1.0", "runs": [run]}
+
+
+def diff_sarif(report) -> str:
+    return json.dumps(diff_payload(report), indent=2)
