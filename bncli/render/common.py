@@ -24,13 +24,32 @@ def fmt(value: float | int | None) -> str:
 def provenance(file: FileReport, quote: Callable[[str], str], option: Callable[[str], str] = str) -> str:
     """'torch-zip, state dict under 'model', prefix 'module.' stripped, also 'model_ema' (choose with --state)'."""
     how = [file.format or ""]
-    if file.container:
+    if file.model_class:
+        # "whole pickled model models.yolo.DetectionModel under 'ema', read as data (17 classes not imported)"
+        model = f"whole pickled model {quote(file.model_class)}"
+        if file.container:
+            model += f" under {quote(file.container)}"
+        n = file.pickled_globals
+        how.append(model + f", read as data ({n} global{'s' if n != 1 else ''} not imported)")
+    elif file.container:
         how.append(f"state dict under {quote(file.container)}")
     if file.prefix:
         how.append(f"prefix {quote(file.prefix)} stripped")
     if file.alternatives:
         how.append("also " + ", ".join(quote(a) for a in file.alternatives) + f" (choose with {option('--state')})")
     return ", ".join(how)
+
+
+SKIPPED_NAMES = 5  # the skipped line names this many files, then counts the rest
+
+
+def skipped_line(report: InspectReport) -> str | None:
+    """'skipped 3 files that are not checkpoints: notes.txt, ...' (escaped by the renderer), or None."""
+    n = len(report.skipped)
+    if not n:
+        return None
+    names = ", ".join(report.skipped[:SKIPPED_NAMES]) + (", ..." if n > SKIPPED_NAMES else "")
+    return f"skipped {n} file{'s' if n != 1 else ''} that {'are' if n != 1 else 'is'} not {'checkpoints' if n != 1 else 'a checkpoint'}: {names}"
 
 
 def summary_line(report: InspectReport) -> str:
