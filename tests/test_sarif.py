@@ -174,3 +174,8 @@ def test_diff_gates_as_sarif(cli, monkeypatch):
     same = json.loads(cli("diff", a, a, "--fail-if-unchanged", "--format", "sarif").stdout)
     check_sarif_required(same)
     assert {x["ruleId"] for x in same["runs"][0]["results"]} == {"fail-if-unchanged"}
+
+
+def test_an_undecodable_file_name_byte_is_percent_encoded(tmp_path):
+    name = b"ckpt-\xff.pt".decode("utf-8", "surrogateescape")  # as os.listdir returns such a name
+    assert artifact_uri(str(tmp_path / name), str(tmp_path)) == "ckpt-%FF.pt"

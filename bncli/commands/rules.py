@@ -48,6 +48,17 @@ def run(
     elif fmt is RulesFormat.MARKDOWN:
         deliver(ruledoc.markdown(chosen), output_file)
     elif chosen is None:
-        deliver(ruledoc.listing(), output_file)
+        deliver(ruledoc.listing(_width(output_file)), output_file)
     else:
         deliver(ruledoc.explain(chosen[0], shutil.get_terminal_size((100, 24)).columns), output_file)
+
+
+def _width(output_file) -> int | None:
+    """The terminal's width; None (no wrapping) for a file or a pipe, as tables get the piped layout."""
+    import os
+    import shutil
+    import sys
+
+    if output_file is not None or (not sys.stdout.isatty() and "COLUMNS" not in os.environ):
+        return None
+    return shutil.get_terminal_size((100, 24)).columns

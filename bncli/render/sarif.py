@@ -32,7 +32,7 @@ def artifact_uri(path: str, cwd: str | None = None) -> str:
         relative = None
     if relative is None or relative == os.pardir or relative.startswith(os.pardir + os.sep):
         return Path(absolute).as_uri()
-    return quote(Path(relative).as_posix(), safe="/")
+    return quote(Path(relative).as_posix(), safe="/", errors="surrogateescape")  # an undecodable byte: %XX
 
 
 def fingerprint(uri: str, finding: Finding) -> str:
