@@ -241,3 +241,27 @@ def test_nothing_in_bncli_imports_cli():
             continue
         source = path.read_text()
         assert not re.search(r"^\s*(from bncli\.cli import|import bncli\.cli|from bncli import cli)", source, re.M), path
+
+
+@pytest.mark.parametrize("fmt", ["table", "json", "markdown", "github"])
+def test_skipped_file_names_are_escaped(hostile, fmt):
+    (hostile / "notes\n::error::x\x1b[2J.txt").write_text("not a checkpoint")
+    result = _invoke(["inspect", str(hostile), "--format", fmt])
+    assert result.exit_code == 1
+    assert_inert(result.stdout, github=fmt == "github")
+    if fmt == "json":
+        assert json.loads(result.stdout)["skipped"][0].endswith("notes\n::error::x\x1b[2J.txt")
+    else:
+        shown = result.stdout.replace("\\::", "::")
+        if fmt == "markdown":  # markdown punctuation is backslash-escaped there
+            shown = re.sub(r"\\([\\`*\[\]<>!|~&#_])", r"\1", shown)
+        assert "notes\\n::error::x\\x1b[2J.txt" in shown
+
+
+@pytest.mark.parametrize("columns", [60, 80, 120])
+def test_hostile_names_are_whole_at_every_width(hostile, columns):
+    from test_tables import tables
+
+    result = _invoke(["inspect", str(hostile)], env={"COLUMNS": str(columns)})
+    ((headers, rows, _),) = tables(result.stdout.replace("\\::", "::"))
+    assert [row[0] for row in rows] == [console.terminal(n) for n in HOSTILE]
