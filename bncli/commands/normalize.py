@@ -1,4 +1,4 @@
-"""`bncli normalize`: apply BatchNorm2d to a tensor and show per-channel statistics before and after."""
+"""`bncli normalize`: apply BatchNorm1d/2d/3d to a tensor and show per-channel statistics before and after."""
 
 from __future__ import annotations
 
@@ -21,6 +21,12 @@ COMMAND = {
 class Mode(str, enum.Enum):
     TRAIN = "train"
     EVAL = "eval"
+
+
+class Kind(str, enum.Enum):
+    ONE = "1d"
+    TWO = "2d"
+    THREE = "3d"
 
 
 def parse_momentum(value: str | float | None) -> float | None:
@@ -57,21 +63,34 @@ def run(
     layer: Annotated[Optional[str], typer.Option("--layer", "-l", help="Name of the BatchNorm layer in --checkpoint.")] = None,
     key: Annotated[Optional[str], typer.Option("--key", "-k", help="Which tensor, when the file holds several.")] = None,
     channels_last: Annotated[
-        bool, typer.Option("--channels-last", help="The input is (N, H, W, C) (NHWC, as TensorFlow/Keras store it).")
+        bool, typer.Option("--channels-last", help="The input is (N, H, W, C) (NHWC, as TensorFlow/Keras store it; "
+                           "(N, L, C), (N, D, H, W, C) with --kind).")
     ] = False,
-    add_batch_dim: Annotated[bool, typer.Option("--add-batch-dim", help="The input is one (C, H, W) image: add N=1.")] = False,
+    add_batch_dim: Annotated[
+        bool, typer.Option("--add-batch-dim", help="The input is one sample, (C, H, W) (or (C, L), (C, D, H, W)): add N=1.")
+    ] = False,
     output: Annotated[
         Optional[Path],
         typer.Option("--output", "-o", help="Write the normalized tensor here (.pt or .safetensors), in the input's layout."),
+    ] = None,
+    kind: Annotated[
+        Optional[Kind],
+        typer.Option(
+            "--kind",
+            help="The layer: BatchNorm1d takes (N, C) or (N, C, L), 2d (N, C, H, W), 3d (N, C, D, H, W). "
+            "(default: the checkpoint layer's class when the file names it, else 2d)",
+            show_default=False,
+        ),
     ] = None,
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.TABLE,
     wide: Annotated[
         bool, typer.Option("--wide", help="Tables with every column, however narrow the terminal (lines may be longer).")
     ] = False,
 ) -> None:
-    """Apply BatchNorm2d to a tensor in train or eval mode; print per-channel mean/std before and after.
+    """Apply BatchNorm2d (or 1d/3d with --kind) to a tensor in train or eval mode; print per-channel mean/std
+    before and after.
 
-    Eval mode is nn.BatchNorm2d bit for bit; float32 train mode computes each output in float64 and rounds it once,
+    Eval mode is nn.BatchNorm1d/2d/3d bit for bit; float32 train mode computes each output in float64 and rounds it once,
     at least as close to the float64 result as nn.BatchNorm2d. std is computed as torch.Tensor.std does (correction=1).
     In train mode the table also shows the running statistics after the update.
     """
@@ -94,6 +113,7 @@ def run(
         channels_last=channels_last,
         add_batch_dim=add_batch_dim,
         output=output,
+        kind=None if kind is None else kind.value,
     )
     for message in report.warnings:
         warn(message)
