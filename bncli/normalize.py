@@ -165,12 +165,17 @@ def build_layer(num_features: int, *, eps: float, momentum: float | None, affine
     return bn
 
 
+# The defaults of a fresh BatchNorm2d, used where neither an option nor the checkpoint's layer says otherwise.
+DEFAULT_EPS, DEFAULT_MOMENTUM = 1e-5, 0.1
+UNSET = "unset"  # momentum not given (None already means a cumulative average)
+
+
 def normalize(
     input_path: str | os.PathLike,
     *,
     mode: str = "train",
-    eps: float = 1e-5,
-    momentum: float | None = 0.1,
+    eps: float | None = None,
+    momentum: float | None | str = UNSET,
     affine: bool = True,
     checkpoint: str | os.PathLike | None = None,
     layer: str | None = None,
@@ -182,7 +187,8 @@ def normalize(
 ) -> NormalizeReport:
     """Apply one BatchNorm1d/2d/3d (fresh, or a checkpoint's layer) to a tensor and report per-channel statistics.
 
-    kind None: the checkpoint layer's own class when the file names it (a whole pickled model), else 2d."""
+    `eps` and `momentum` left unset take the checkpoint layer's own (a whole pickled model states them), else
+    PyTorch's defaults; kind None: the checkpoint layer's own class when the file names it, else 2d."""
     import torch
 
     from bncli.loading import load_tensor
@@ -191,13 +197,22 @@ def normalize(
         raise InputError(f"{output}: unsupported output suffix; use one of {', '.join(OUTPUT_SUFFIXES)}")
     if (checkpoint is None) != (layer is None):
         raise InputError("--checkpoint and --layer go together: name the file and the layer in it")
+    from_layer: list[str] = []
+    state = _checkpoint_layer(checkpoint, layer) if checkpoint is not None else None
+    if eps is None:
+        eps = DEFAULT_EPS if state is None or state.eps is None else state.eps
+        if state is not None and state.eps is not None:
+            from_layer.append("eps")
+    if momentum == UNSET:
+        momentum = state.momentum if state is not None and state.momentum_given else DEFAULT_MOMENTUM
+        if state is not None and state.momentum_given:
+            from_layer.append("momentum")
     if eps == 0 and mode == "train":
         raise UsageError(
             "--eps 0 works in eval mode only: torch's batch_norm refuses eps 0 in training (FrozenBatchNorm2d layers, "
             "which use it, are never trained); use --mode eval or an eps > 0"
         )
 
-    state = _checkpoint_layer(checkpoint, layer) if checkpoint is not None else None
     if kind is None:
         kind = kind_of(getattr(state, "class_path", None)) or "2d"
     raw, key_used = load_tensor(input_path, key)
@@ -253,6 +268,7 @@ def normalize(
         output_path=None if output is None else str(output),
         warnings=tuple(warnings),
         kind=kind,
+        from_layer=tuple(from_layer),
     )
 
 
