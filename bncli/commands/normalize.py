@@ -44,7 +44,7 @@ def parse_momentum(value: str | float | None) -> float | None:
 def run(
     ctx: typer.Context,
     input: Annotated[
-        Path, typer.Argument(help="Tensor file (N, C, H, W): .pt/.pth, .safetensors, .npy or .npz.", show_default=False)
+        Path, typer.Argument(help="Tensor file (N, C, H, W), or as --kind says: .pt/.pth, .safetensors, .npy or .npz.", show_default=False)
     ],
     mode: Annotated[
         Mode,
