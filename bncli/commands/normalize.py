@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from bncli.commands.options import check_eps
+from bncli.commands.options import check_eps, format_option, output_file_option, require_torch
+from bncli.errors import UsageError
 from bncli.render import Format
 
 COMMAND = {
@@ -44,7 +45,8 @@ def parse_momentum(value: str | float | None) -> float | None:
 def run(
     ctx: typer.Context,
     input: Annotated[
-        Path, typer.Argument(help="Tensor file (N, C, H, W), or as --kind says: .pt/.pth, .safetensors, .npy or .npz.", show_default=False)
+        Path, typer.Argument(help="Tensor file (N, C, H, W), or as --kind says: .pt/.pth, .safetensors, .npy or .npz.",
+                             show_default=False, metavar="TENSOR")
     ],
     mode: Annotated[
         Mode,
@@ -83,10 +85,11 @@ def run(
             show_default=False,
         ),
     ] = None,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.TABLE,
+    fmt: Annotated[Format, format_option("normalize")] = Format.TABLE,
     wide: Annotated[
         bool, typer.Option("--wide", help="Tables with every column, however narrow the terminal (lines may be longer).")
     ] = False,
+    output_file: Annotated[Optional[Path], output_file_option(short=False)] = None,
 ) -> None:
     """Apply BatchNorm2d (or 1d/3d with --kind) to a tensor in train or eval mode; print per-channel mean/std
     before and after.
@@ -95,7 +98,13 @@ def run(
     at least as close to the float64 result as nn.BatchNorm2d. std is computed as torch.Tensor.std does (correction=1).
     In train mode the table also shows the running statistics after the update.
     """
-    from bncli.console import emit, warn
+    from bncli.console import warn
+    from bncli.delivery import deliver
+
+    require_torch("normalize")
+
+    if output_file is not None and output is not None and Path(output_file).absolute() == Path(output).absolute():
+        raise UsageError("--output-file (the report) and --output (the tensor) name the same file")
     from bncli.normalize import normalize
     from bncli.render import renderer_for
 
@@ -122,4 +131,4 @@ def run(
     )
     for message in report.warnings:
         warn(message)
-    emit(render(report), wide=wide)
+    deliver(render(report), output_file, wide=wide)
