@@ -81,7 +81,7 @@ def run(
         typer.Option(
             "--kind",
             help="The layer: BatchNorm1d takes (N, C) or (N, C, L), 2d (N, C, H, W), 3d (N, C, D, H, W). "
-            "(default: the checkpoint layer's class when the file names it, else 2d)",
+            "Default: the checkpoint layer's class when the file names it, else 2d.",
             show_default=False,
         ),
     ] = None,
