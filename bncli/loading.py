@@ -705,7 +705,18 @@ def _choose_key(path: Path, keys: list[str], key: str | None) -> str:
         return keys[0]
     if not keys:
         raise InputError(f"{show(path)}: holds no tensor")
-    raise InputError(f"{show(path)}: holds {len(keys)} tensors; choose one with --key: {', '.join(keys)}")
+    from bncli.layers import find_layers
+
+    layers = [layer.name for layer in find_layers(keys)]
+    if layers:  # a state dict, not a batch of inputs: say so, and how to use one of its layers
+        shown = ", ".join(layers[:3]) + (", ..." if len(layers) > 3 else "")
+        raise InputError(
+            f"{show(path)}: a checkpoint with {len(layers)} BatchNorm layer{'s' if len(layers) != 1 else ''} ({shown}), "
+            f"not an input tensor; to apply one of its layers: bncli normalize INPUT --checkpoint {show(path)} "
+            f"--layer {layers[0]}"
+        )
+    shown = ", ".join(keys[:10]) + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
+    raise InputError(f"{show(path)}: holds {len(keys)} tensors; choose one with --key: {shown}")
 
 
 def _numpy_to_torch(path: Path, array):
