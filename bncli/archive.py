@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import zlib
 from dataclasses import dataclass
+from json.decoder import scanstring
 from pathlib import Path
 from typing import Any
 
 from bncli.budget import MAX_HEADER_BYTES as MAX_SAFETENSORS_HEADER
-from bncli.budget import human, max_load_bytes  # noqa: F401 - re-exported for the readers
+from bncli.budget import Budget, human, max_load_bytes  # noqa: F401 - re-exported for the readers
 from bncli.errors import InputError, first_line
 from bncli.formats.zipdir import TorchZip, ZipRecord, read_zip_directory  # noqa: F401 - re-exported
 
@@ -127,21 +129,21 @@ def check_safetensors(path: Path) -> dict[str, SafetensorsEntry]:
         if 8 + n > size:
             raise InputError(f"{p}: corrupt safetensors file: its header claims {n} bytes but the file has {size}")
         raw = fh.read(n)
+    if not raw.startswith(b"{"):  # the library refuses anything else there, even whitespace
+        raise InputError(f"{p}: corrupt safetensors file: its header does not start with '{{'")
+    data_start = 8 + n
+    entries: dict[str, SafetensorsEntry] = {}
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        # One top-level entry at a time: a header of a million entries is refused at the limit, before a million
+        # objects exist (json.loads would build them all, then the checks would walk them all).
+        for name, info in _header_items(raw.decode("utf-8"), p):
+            if name == "__metadata__":
+                continue
+            entries[name] = _entry(p, name, info, data_start)
     except _Duplicate as exc:
-        raise InputError(f"{p}: corrupt safetensors file: the key {exc.key!r} appears twice in the header") from None
+        raise InputError(f"{p}: corrupt safetensors file: the key {_cut(exc.key)!r} appears twice in the header") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise InputError(f"{p}: corrupt safetensors file: its header is not valid JSON ({first_line(exc)})") from None
-    if not isinstance(header, dict):
-        raise InputError(f"{p}: corrupt safetensors file: its header is not a JSON object")
-    meta = header.pop("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise InputError(f"{p}: corrupt safetensors file: __metadata__ must map strings to strings")
-    data_start = 8 + n
-    entries = {}
-    for name, info in header.items():
-        entries[name] = _entry(p, name, info, data_start)
     ordered = sorted(entries.items(), key=lambda kv: (kv[1].start, kv[1].end))
     expected = data_start
     for name, e in ordered:
@@ -165,12 +167,14 @@ def _entry(p: str, name: str, info: Any, data_start: int) -> SafetensorsEntry:
     if code not in SAFETENSORS_DTYPES:
         raise InputError(f"{p}: tensor {name!r} has unknown dtype {code!r}; known: {', '.join(SAFETENSORS_DTYPES)}")
     if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
-        raise InputError(f"{p}: corrupt safetensors file: tensor {name!r} has shape {shape!r}")
+        raise InputError(f"{p}: corrupt safetensors file: tensor {name!r} has shape {_cut(repr(shape))}")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(o) for o in offsets) or offsets[0] > offsets[1]:
-        raise InputError(f"{p}: corrupt safetensors file: tensor {name!r} has data_offsets {offsets!r}")
+        raise InputError(f"{p}: corrupt safetensors file: tensor {name!r} has data_offsets {_cut(repr(offsets))}")
     count = 1
     for d in shape:
         count *= d
+        if count >= 1 << 64:  # the library multiplies in 64 bits and refuses an overflow, even before a zero
+            raise InputError(f"{p}: corrupt safetensors file: tensor {name!r} has shape {_cut(repr(shape))}, too large")
     nbytes = count * SAFETENSORS_DTYPES[code][1]
     if offsets[1] - offsets[0] != nbytes:
         raise InputError(
@@ -182,6 +186,99 @@ def _entry(p: str, name: str, info: Any, data_start: int) -> SafetensorsEntry:
 
 def _is_index(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _header_items(text: str, p: str):
+    """The header's top-level (key, value) pairs, parsed one at a time; the entry count is checked as they come.
+
+    __metadata__ is parsed the same way (its pairs are counted too) and must map strings to strings. Keys and strings
+    must be valid Unicode (the safetensors library refuses lone surrogates); nothing but whitespace may follow the
+    object, as for json.loads and the library.
+    """
+    decoder = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+    idx = _WHITESPACE.match(text, 0).end()
+    if text[idx : idx + 1] != "{":
+        raise InputError(f"{p}: corrupt safetensors file: its header is not a JSON object")
+    seen: set[str] = set()
+    idx = _WHITESPACE.match(text, idx + 1).end()
+    closed = text[idx : idx + 1] == "}"
+    while not closed:
+        key, idx = _key(text, idx)
+        if key in seen:
+            raise _Duplicate(key)
+        seen.add(key)
+        Budget.check_entries(p, len(seen), "its safetensors header")
+        _check_unicode(p, key)
+        if key == "__metadata__":
+            value, idx = _metadata(text, idx, p)
+        else:
+            value, idx = decoder.raw_decode(text, idx)
+        yield key, value
+        idx, closed = _next_item(text, idx)
+    if text[idx + 1 :].strip(" \t\n\r"):
+        raise ValueError(f"extra data after the header's object at char {idx + 1}")
+
+
+def _key(text: str, idx: int) -> tuple[str, int]:
+    """A key and the index of its value (after the colon)."""
+    if text[idx : idx + 1] != '"':
+        raise ValueError(f"expected a key in double quotes at char {idx}")
+    key, idx = scanstring(text, idx + 1)
+    idx = _WHITESPACE.match(text, idx).end()
+    if text[idx : idx + 1] != ":":
+        raise ValueError(f"expected ':' at char {idx}")
+    return key, _WHITESPACE.match(text, idx + 1).end()
+
+
+def _next_item(text: str, idx: int) -> tuple[int, bool]:
+    """After a value: (index of the next key, False) or (index of the closing brace, True)."""
+    idx = _WHITESPACE.match(text, idx).end()
+    c = text[idx : idx + 1]
+    if c == "}":
+        return idx, True
+    if c != ",":
+        raise ValueError(f"expected ',' or '}}' at char {idx}")
+    return _WHITESPACE.match(text, idx + 1).end(), False
+
+
+def _metadata(text: str, idx: int, p: str) -> tuple[dict[str, str], int]:
+    """__metadata__: an object of strings, read pair by pair and counted against the same entry limit."""
+    bad = InputError(f"{p}: corrupt safetensors file: __metadata__ must map strings to strings")
+    if text[idx : idx + 1] != "{":
+        raise bad
+    meta: dict[str, str] = {}
+    idx = _WHITESPACE.match(text, idx + 1).end()
+    closed = text[idx : idx + 1] == "}"
+    while not closed:
+        key, idx = _key(text, idx)
+        if key in meta:
+            raise _Duplicate(key)
+        if text[idx : idx + 1] != '"':
+            raise bad
+        value, idx = scanstring(text, idx + 1)
+        _check_unicode(p, key)
+        _check_unicode(p, value)
+        meta[key] = value
+        Budget.check_entries(p, len(meta), "its safetensors __metadata__")
+        idx, closed = _next_item(text, idx)
+    return meta, idx + 1
+
+
+def _check_unicode(p: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(
+            f"{p}: corrupt safetensors file: its header holds {ascii(_cut(text))}, which is not valid Unicode "
+            "(a lone surrogate)"
+        ) from None
 
 
 class _Duplicate(ValueError):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bncli.errors import InputError
-from bncli.layers import find_layers, read_layer, select_layer
+from bncli.layers import UnknownLayer, find_layers, read_layer, select_layer
 from bncli.loading import TORCH_SUFFIXES, load_checkpoint
 from bncli.report import PROFILE_WIDTH, ChannelRow, FileReport, Finding, InspectReport, LayerReport, Summary
 from bncli.rules import ALL_IDS, Thresholds, run_file_rules, run_rules
@@ -27,42 +28,141 @@ class NoInputFound(InputError):
         self.path = path
 
 
-def expand_inputs(args: list[str | os.PathLike]) -> list[str | NoInputFound]:
-    """Files as given, directories walked (checkpoint suffixes only, hidden folders skipped), globs expanded.
+class Inputs(list):
+    """The expanded inputs (paths, or a NoInputFound in the place of an argument that yields nothing), and the
+    files a directory scan looked at and left out because they are not checkpoints (`skipped`)."""
 
+    skipped: tuple[str, ...] = ()
+
+
+def expand_inputs(args: list[str | os.PathLike]) -> Inputs:
+    """Files as given, directories walked, globs expanded.
+
+    In a directory every regular file is looked at: one with a checkpoint suffix is audited, any other whose first
+    bytes are a torch or safetensors checkpoint too (a file named `ENet_default`); the rest are skipped, counted,
+    never an error. Hidden files and folders are left out, directory links are not followed; a recursive glob
+    follows a directory link once, never into a folder it is already in (`latest -> .`).
     An argument that yields nothing becomes an InputError in its place, so that the others are still audited.
     Order is kept (directories and globs sorted) and duplicates are dropped.
     """
     out: list[str | NoInputFound] = []
+    skipped: list[str] = []
     for arg in args:
         text = os.fspath(arg)
         if os.path.isdir(text):
-            found = _walk(text)
-            out.extend(found or [NoInputFound(text, f"no checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)}) in this directory")])
+            found = _walk(text, skipped)
+            out.extend(found or [NoInputFound(text, "no checkpoint file in this directory" + _none_because(text, skipped))])
         elif not os.path.lexists(text) and glob.has_magic(text):
             # The shell did not expand it (quoted, or no match there): expand it here, as CI configs often quote globs.
-            matches = sorted(glob.glob(text, recursive=True))
-            found = [f for m in matches for f in (_walk(m) if os.path.isdir(m) else [m])]
+            found = [f for m in glob_paths(text) for f in (_walk(m, skipped) if os.path.isdir(m) else [m])]
             out.extend(found or [NoInputFound(text, "no file matches this pattern")])
         else:
             out.append(text)
     seen: set[str] = set()
-    unique: list[str | NoInputFound] = []
+    unique = Inputs()
     for item in out:
         if isinstance(item, str):
             if item in seen:
                 continue
             seen.add(item)
         unique.append(item)
+    unique.skipped = tuple(dict.fromkeys(skipped))
     return unique
 
 
-def _walk(directory: str) -> list[str]:
+def _none_because(directory: str, skipped: list[str]) -> str:
+    mine = [s for s in skipped if s.startswith(directory)]
+    return f" ({len(mine)} other file{'s' if len(mine) != 1 else ''}, none a checkpoint)" if mine else ""
+
+
+def _walk(directory: str, skipped: list[str]) -> list[str]:
     found = []
-    for root, dirs, files in os.walk(directory):
+    for root, dirs, files in os.walk(directory):  # directory links are not followed: no loop, nothing twice
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(os.path.join(root, f) for f in sorted(files) if f.lower().endswith(CHECKPOINT_SUFFIXES))
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if name.lower().endswith(CHECKPOINT_SUFFIXES):
+                found.append(path)
+            elif not name.startswith("."):
+                (found if is_checkpoint(path) else skipped).append(path)
     return found
+
+
+def is_checkpoint(path: str) -> bool:
+    """Whether a file without a checkpoint suffix is one, from its first bytes (what `sniff` would read)."""
+    from bncli.loading import sniff
+
+    try:
+        if not os.path.isfile(path) or os.path.islink(path) and not os.path.exists(path):
+            return False
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+        if head[8:9] == b"{":  # safetensors: an 8-byte header length that fits in the file, then JSON
+            length = int.from_bytes(head[:8], "little")
+            if not 2 <= length <= os.path.getsize(path) - 8:
+                return False
+        return sniff(Path(path)) in ("torch-zip", "torch-legacy", "safetensors")
+    except (InputError, OSError):
+        return False
+
+
+def glob_paths(pattern: str) -> list[str]:
+    """glob.glob(pattern, recursive=True), sorted, except that `**` enters each folder at most once (by device and
+    inode): a link back up (`latest -> .`) or a loop of links ends instead of recursing forever."""
+    parts = pattern.split(os.sep)
+    if parts[0] == "" and len(parts) > 1:  # absolute
+        start, parts = os.sep, parts[1:]
+    else:
+        start = os.curdir
+    results: list[str] = []
+    entered: set[tuple[int, int, int]] = set()
+
+    def join(base: str, name: str) -> str:
+        return name if base == os.curdir and start == os.curdir else os.path.join(base, name)
+
+    def names(folder: str) -> list[str]:
+        try:
+            return sorted(os.listdir(folder))
+        except OSError:
+            return []
+
+    def walk(base: str, i: int) -> None:
+        if i == len(parts):
+            results.append(base)
+            return
+        part = parts[i]
+        if part == "**":
+            try:
+                st = os.stat(base)
+            except OSError:
+                return
+            key = (st.st_dev, st.st_ino, i)
+            if key in entered:  # this folder again, through a link: nothing new in it
+                return
+            entered.add(key)
+            walk(base, i + 1)  # zero folders
+            for name in names(base):
+                sub = join(base, name)
+                if name.startswith("."):
+                    continue
+                if os.path.isdir(sub):
+                    walk(sub, i)
+                elif i + 1 == len(parts):  # a trailing ** matches files too
+                    results.append(sub)
+        elif glob.has_magic(part):
+            for name in names(base):
+                if fnmatch.fnmatchcase(name, part) and (not name.startswith(".") or part.startswith(".")):
+                    if i + 1 == len(parts) or os.path.isdir(join(base, name)):
+                        walk(join(base, name), i + 1)
+        elif part == "":
+            walk(base, i + 1)  # a trailing or doubled slash
+        else:
+            path = join(base, part)
+            if os.path.lexists(path):
+                walk(path, i + 1)
+
+    walk(start, 0)
+    return sorted(dict.fromkeys(r for r in results if r != os.curdir))
 
 
 def inspect_files(
@@ -77,6 +177,7 @@ def inspect_files(
 ) -> InspectReport:
     """Audit every input; an unreadable one becomes a FileReport with `error` set instead of stopping the rest."""
     files = []
+    unknown: list[UnknownLayer] = []
     for p in paths:
         if isinstance(p, NoInputFound):
             files.append(FileReport.unreadable(p.path, p.message))
@@ -93,9 +194,14 @@ def inspect_files(
                     strip_prefix=strip_prefix,
                 )
             )
-        except InputError as exc:
+        except (InputError, UnknownLayer) as exc:
             files.append(FileReport.unreadable(os.fspath(p), exc.message))
-    return InspectReport(tuple(files))
+            if isinstance(exc, UnknownLayer):
+                unknown.append(exc)
+    readable = [f for f in files if f.error is None]
+    if unknown and not readable and len(unknown) == sum(1 for p in paths if not isinstance(p, NoInputFound)):
+        raise unknown[0]  # --layer names a layer no input has: the user's argument, one line, exit 2
+    return InspectReport(tuple(files), skipped=tuple(getattr(paths, "skipped", ())))
 
 
 def inspect_file(
@@ -112,7 +218,7 @@ def inspect_file(
     ckpt = load_checkpoint(Path(path), state=state, strip_prefix=strip_prefix)
     keys = find_layers(ckpt)
     if layer is not None:
-        keys = [select_layer(keys, layer, ckpt.provenance.path)]
+        keys = [select_layer(keys, layer, ckpt.provenance.path, ckpt.provenance.prefix)]
     bns = [read_layer(ckpt, k) for k in keys]
     per_layer = [run_rules(bn, thresholds, selected) for bn in bns]
     # BN014 names a layer: its flags show it; BN012 is about the file's pickle

@@ -185,9 +185,9 @@ def diff_files(
         keep = layer_filter(only, exclude)
         keys_a, keys_b = [k for k in keys_a if keep(k.name)], [k for k in keys_b if keep(k.name)]
     if layer is not None:
-        picked = select_layer(keys_a, layer, ckpt_a.provenance.path)
+        picked = select_layer(keys_a, layer, ckpt_a.provenance.path, ckpt_a.provenance.prefix)
         if picked.name not in {k.name for k in keys_b}:
-            select_layer(keys_b, layer, ckpt_b.provenance.path)  # raises with the nearest names in B
+            select_layer(keys_b, picked.name, ckpt_b.provenance.path, ckpt_b.provenance.prefix)  # raises: nearest in B
         keys_a = [picked]
         keys_b = [k for k in keys_b if k.name == picked.name]
     layers_a = [read_layer(ckpt_a, k) for k in keys_a]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bncli.errors import InputError
+from bncli.errors import InputError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -49,31 +50,72 @@ class BNLayer:
         return int(self.running_var.shape[0]) if self.running_var.ndim else 1
 
 
+# Formats whose key order is not the model's: safetensors sorts its keys as strings ("1, 10, 4, 7").
+UNORDERED_FORMATS = ("safetensors",)
+
+
 def find_layers(keys: Iterable[str]) -> list[LayerKeys]:
-    """Group keys into BatchNorm layers, in the order their first key appears in the file."""
+    """Group keys into BatchNorm layers, in the order their first key appears in the file; for a file that does
+    not keep module order (a Checkpoint of a format in UNORDERED_FORMATS), in natural order (`blocks.2` before
+    `blocks.10`)."""
     groups: dict[str, dict[str, str]] = {}
     for key in keys:
         prefix, _, leaf = key.rpartition(".")
         if leaf in BUFFERS:
             groups.setdefault(prefix or ROOT, {})[leaf] = key
-    return [
+    layers = [
         LayerKeys(name=name, **found)
         for name, found in groups.items()
         if "running_mean" in found and "running_var" in found
     ]
+    if getattr(getattr(keys, "provenance", None), "format", None) in UNORDERED_FORMATS:
+        layers.sort(key=lambda layer: natural_key(layer.name))
+    return layers
 
 
-def select_layer(layers: list[LayerKeys], name: str, path: str) -> LayerKeys:
-    """The layer called `name`; an unknown name is an input error that suggests the nearest names."""
+_NUMBER = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key comparing the numeric parts of a name as numbers: blocks.2 < blocks.10 < blocks.10a."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in _NUMBER.split(name) if part)
+
+
+class UnknownLayer(UsageError):
+    """--layer names no BatchNorm layer of the file: the user's argument (exit 2), not a bad file."""
+
+
+def select_layer(layers: list[LayerKeys], name: str, path: str, prefix: str | None = None) -> LayerKeys:
+    """The layer called `name`, as listed (prefix stripped) or as stored in the file (`module.bn1` when the
+    file's 'module.' was stripped); an unknown name is a usage error that suggests the nearest names: those one
+    is a dotted suffix of first (`bn1` for `layer1.0.bn1`), then the most similar."""
     by_name = {layer.name: layer for layer in layers}
-    if name in by_name:
-        return by_name[name]
+    for candidate in _spellings(name, prefix):
+        if candidate in by_name:
+            return by_name[candidate]
     if not layers:
-        raise InputError(f"{path}: no BatchNorm layer found, so no layer {name!r}")
+        raise UnknownLayer(f"{path}: no BatchNorm layer found, so no layer {name!r}")
+    wanted = _spellings(name, prefix)[-1]
+    longer = [n for n in by_name if n.endswith("." + wanted)]  # `bn1` -> layer1.0.bn1
+    shorter = [n for n in by_name if wanted.endswith("." + n) and n not in longer]  # `x.layer1.0.bn1` -> layer1.0.bn1
+    suffix = longer + shorter
     # Closest first; ties keep file order (difflib.get_close_matches would break them by reversed name).
-    ratio = {n: difflib.SequenceMatcher(None, name, n).ratio() for n in by_name}
-    near = sorted((n for n in by_name if ratio[n] >= 0.4), key=lambda n: -ratio[n])[:5] or list(by_name)[:5]
-    raise InputError(f"{path}: no BatchNorm layer named {name!r}; nearest: {', '.join(near)}")
+    ratio = {n: difflib.SequenceMatcher(None, wanted, n).ratio() for n in by_name if n not in suffix}
+    similar = sorted((n for n in ratio if ratio[n] >= 0.4), key=lambda n: -ratio[n])
+    near = (suffix + similar)[:5] or list(by_name)[:5]
+    raise UnknownLayer(f"{path}: no BatchNorm layer named {name!r}; nearest: {', '.join(near)}")
+
+
+def _spellings(name: str, prefix: str | None) -> list[str]:
+    """`name`, then `name` without the prefix the loader stripped (or the wrapper prefixes it strips)."""
+    out = [name]
+    if prefix and name.startswith(prefix) and len(name) > len(prefix):
+        out.append(name[len(prefix):])
+    rest = name
+    while rest.startswith(("module.", "_orig_mod.")):
+        rest = rest.split(".", 1)[1]
+        out.append(rest)
+    return list(dict.fromkeys(out))
 
 
 def read_layer(ckpt: Checkpoint, keys: LayerKeys) -> BNLayer:

@@ -115,8 +115,9 @@ def _check_readable(path: Path) -> int:
 def _sniff_zip(path: Path) -> str:
     from bncli.formats.zipdir import list_zip
 
-    # Read with torch's rules, refusing any layout that two zip readers could read apart (bncli/formats/zipdir.py).
-    names = [m.name for m in list_zip(path).members]
+    # Read with torch's rules, refusing any layout that two zip readers could read apart (bncli/formats/zipdir.py);
+    # the local headers are checked by each reader's own full read, so that they are read once.
+    names = [m.name for m in list_zip(path, local_headers=False).members]
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
         raise UnsafeFileError(
             f"{show(path)}: a TorchScript archive; bncli never runs TorchScript code. "

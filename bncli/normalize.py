@@ -241,40 +241,81 @@ def apply_and_measure(bn, x: torch.Tensor):
     count = x.numel() // channels
     x_shift = first_image_mean(x)
     x_done = None
-    if bn.training:
-        x_done = settle(moments_pass(x, x_shift), x)
-        batch_mean, var_unbiased = x_done.mean_and_var()
-        _update_running(bn, batch_mean, var_unbiased)
-        # normalization uses the biased variance
-        mean_used, var_used = batch_mean.to(x.dtype), (var_unbiased * (count - 1) / count).to(x.dtype)
-    else:
-        mean_used, var_used = bn.running_mean, bn.running_var
     # detached: grad mode is per thread, and the worker threads below do not inherit the caller's no_grad
     weight = bn.weight.detach() if bn.affine else None
     bias = bn.bias.detach() if bn.affine else None
+    wide = None  # (mean, scale, shift) in float64 when y is computed in float64
+    workers = max(1, torch.get_num_threads())
+    scratch = [[None] for _ in range(workers)]  # one buffer per thread, shared by every pass and accumulator
+    if bn.training:
+        # The batch mean from a float64 sum of x: the running statistics are then the float64 update rounded
+        # once (a float32 ulp of a running mean near 0 is far below the std's 1e-7).
+        x_done = settle(moments_pass(x, x_shift, exact_mean=True, scratch=scratch), x, scratch)
+        batch_mean, var_unbiased = x_done.mean_and_var()
+        _update_running(bn, batch_mean, var_unbiased)
+        var_biased = var_unbiased * (count - 1) / count  # normalization uses the biased variance
+        mean_used, var_used = batch_mean.to(x.dtype), var_biased.to(x.dtype)
+        wide = _wide_terms(batch_mean, var_biased, bn.eps, weight, bias, x.dtype)
+    else:
+        mean_used, var_used = bn.running_mean, bn.running_var
     # y's shift: x's first-image mean mapped through the same affine transform, close to y's own
     scale = (var_used.double() + bn.eps).rsqrt() * (1.0 if weight is None else weight.double())
     y_shift = (x_shift - mean_used.double()) * scale + (0.0 if bias is None else bias.double())
 
     y = torch.empty_like(x)
-    workers = max(1, torch.get_num_threads())
     x_parts = [ChannelMoments(channels, x.dtype, x_shift) for _ in range(workers)]
     y_parts = [ChannelMoments(channels, x.dtype, y_shift) for _ in range(workers)]
     unused = [(torch.empty(0, dtype=x.dtype), torch.empty(0, dtype=x.dtype)) for _ in range(workers)]
-    scratch = [[None] for _ in range(workers)]  # one buffer per thread, shared by its x and y accumulators
 
     def body(start: int, stop: int, w: int) -> None:
         block, out = x[start:stop], y[start:stop]
         if x_done is None:
             x_parts[w].add(block, scratch[w])
-        # the eval-mode kernel with the chosen mean/var, written straight into y: no per-block allocation
-        torch.native_batch_norm(block, weight, bias, mean_used, var_used, False, 0.0, bn.eps, out=(out, *unused[w]))
+        if wide is not None:
+            _normalize_wide(block, out, wide, scratch[w])
+        else:
+            # the eval-mode kernel with the chosen mean/var, written straight into y: no per-block allocation
+            torch.native_batch_norm(block, weight, bias, mean_used, var_used, False, 0.0, bn.eps, out=(out, *unused[w]))
         y_parts[w].add(out, scratch[w])
 
     run_blocks(x.shape[0], block_size(x), body)
     if x_done is None:
         x_done = settle(_merged(x_parts), x)
     return y, x_done.result(), settle(_merged(y_parts), y).result()
+
+
+def _wide_terms(mean, var_biased, eps: float, weight, bias, dtype):
+    """(mean, scale, shift) in float64 for y = (x - mean) * scale + shift computed in float64 and rounded once,
+    for float32 input in train mode. torch's float32 kernel computes x * alpha + beta with alpha and beta
+    rounded to float32, which cancels when |mean| is large against the std (4e-2 of the std at mean 1e4,
+    std 1e-2) and overflows beyond float32's range; rounding the float64 result once is as close to the float64
+    formula as a float32 output can be, whatever the offset. None for other dtypes (float64 is its own wide)."""
+    import torch
+
+    if dtype != torch.float32:
+        return None
+    scale = (var_biased + eps).rsqrt() * (1.0 if weight is None else weight.double())
+    shift = torch.zeros_like(mean) if bias is None else bias.double()
+    return mean, scale, shift
+
+
+def _normalize_wide(block, out, terms, scratch: list) -> None:
+    """out = (block - mean) * scale + shift in float64, rounded once into out's dtype; half of the block's
+    (image, channel) rows at a time, so that the float64 buffer is no larger than the float32 block."""
+    import torch
+
+    from bncli.stats import scratch_view
+
+    b, c = block.shape[0], block.shape[1]
+    rows, dest = block.reshape(b * c, -1), out.view(b * c, -1)
+    mean, scale, shift = (t.repeat(b)[:, None] for t in terms)  # per row: channel = row % c
+    step = max(1, -(-(b * c) * block.element_size() // 8))
+    for lo in range(0, b * c, step):
+        hi = min(lo + step, b * c)
+        t = scratch_view(scratch, (hi - lo, rows.shape[1]), torch.float64)
+        t.copy_(rows[lo:hi])
+        t.sub_(mean[lo:hi]).mul_(scale[lo:hi]).add_(shift[lo:hi])
+        dest[lo:hi].copy_(t)
 
 
 def _merged(parts):
@@ -298,7 +339,7 @@ def _checkpoint_layer(checkpoint, layer: str):
     from bncli.rules import Thresholds, check_shapes
 
     ckpt = load_checkpoint(checkpoint)
-    keys = select_layer(find_layers(ckpt), layer, ckpt.provenance.path)
+    keys = select_layer(find_layers(ckpt), layer, ckpt.provenance.path, ckpt.provenance.prefix)
     state = read_layer(ckpt, keys)
     for _, problem in check_shapes(state, Thresholds()):  # the same check as inspect's BN006
         raise InputError(f"{ckpt.provenance.path}: layer {layer!r}: {problem}; run `bncli inspect` on it")

@@ -92,6 +92,7 @@ class FileReport:
 @dataclass(frozen=True)
 class InspectReport:
     files: tuple[FileReport, ...]
+    skipped: tuple[str, ...] = ()  # files a directory scan left out: not checkpoints (never an error)
 
     @property
     def findings(self) -> tuple[Finding, ...]:

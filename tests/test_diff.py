@@ -89,7 +89,7 @@ def test_layer_view_json(cli, make_ckpt):
     table = cli("diff", a, b, "--layer", "features.5")
     assert "layer features.5, channel by channel" in table.stdout
     missing = cli("diff", a, b, "--layer", "features.9")
-    assert missing.exit_code == 3
+    assert missing.exit_code == 2
     assert missing.stderr.strip() == f"error: {a}: no BatchNorm layer named 'features.9'; nearest: features.1, features.5"
 
 

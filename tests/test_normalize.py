@@ -240,3 +240,124 @@ def test_eps_zero_with_a_zero_running_var_names_the_channels(cli, tmp_path):
     fine = cli(*args[:5], "1e-5", *args[6:])  # with an eps the same layer is fine, as in torch
     assert fine.exit_code == 0, fine
 
+
+
+# --------------------------------------------------------------------------- accuracy at the edges
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The largest distance in float32 ulps (same-sign values)."""
+    return int((a.float().view(torch.int32).long() - b.float().view(torch.int32).long()).abs().max())
+
+
+def _layer_and_data(tmp_path, mean, std, shape=(8, 6, 10, 10), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * std + mean).float()
+    sd = bn_state(shape[1], "bn", seed=seed)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(sd, tmp_path / "m.pt")
+    return x, {k.removeprefix("bn."): v for k, v in sd.items()}
+
+
+def _float64_train(x, state, eps=1e-5, momentum=0.1):
+    """nn.BatchNorm2d's train-mode formula in float64: the output and the running statistics (exact values)."""
+    x64 = x.double()
+    dims = [0, 2, 3]
+    mean, var_b, var_u = x64.mean(dims), x64.var(dims, correction=0), x64.var(dims, correction=1)
+    view = (1, -1, 1, 1)
+    y = (x64 - mean.view(view)) / (var_b.view(view) + eps).sqrt() * state["weight"].double().view(view) \
+        + state["bias"].double().view(view)
+    running_mean = (1 - momentum) * state["running_mean"].double() + momentum * mean
+    running_var = (1 - momentum) * state["running_var"].double() + momentum * var_u
+    return y, running_mean, running_var
+
+
+@pytest.mark.parametrize(("mean", "std"), [(0.0, 1.0), (2.0, 1.0), (18.0, 1.0), (2000.0, 1.0), (1e4, 1e-2), (1e6, 1.0)])
+def test_train_mode_is_at_least_as_close_to_float64_as_batchnorm2d(tmp_path, mean, std):
+    x, state = _layer_and_data(tmp_path, mean, std)
+    report = normalize(tmp_path / "x.pt", checkpoint=tmp_path / "m.pt", layer="bn", output=tmp_path / "y.pt")
+    y = torch.load(tmp_path / "y.pt", weights_only=True)
+    y_torch, bn = _reference(x, "train", state=state)
+    y64, running_mean, running_var = _float64_train(x, state)
+    ours, theirs = (y.double() - y64).abs().max().item(), (y_torch.double() - y64).abs().max().item()
+    assert ours <= theirs, (ours, theirs)
+    assert ours <= 2.0 ** -24 * y64.abs().max().item() * 1.01  # about half an ulp: the float64 result rounded once
+    # The running statistics: the float64 update rounded to float32, within an ulp of the exact value...
+    got_mean = torch.tensor([c.running_mean for c in report.channels])
+    got_var = torch.tensor([c.running_var for c in report.channels])
+    assert _ulps(got_mean, running_mean.float()) <= 1 and _ulps(got_var, running_var.float()) <= 1
+    # ...and within 2 ulps of torch's, which rounds the batch mean to float32 before its update and whose own
+    # variance loses digits at large offsets
+    if abs(mean) <= 18 * std:
+        assert _ulps(got_mean, bn.running_mean) <= 2 and _ulps(got_var, bn.running_var) <= 2
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("offset", [1e2, 1e3, 1e4, 1e5, 1e6])
+def test_reported_means_are_float64_accurate_at_any_offset(tmp_path, mode, offset):
+    std = 1e-2
+    x, _ = _layer_and_data(tmp_path, offset * std, std, seed=5)
+    report = normalize(tmp_path / "x.pt", mode=mode, checkpoint=tmp_path / "m.pt", layer="bn", output=tmp_path / "y.pt")
+    y = torch.load(tmp_path / "y.pt", weights_only=True).double()
+    x64 = x.double()
+    for c in report.channels:
+        xs, ys = x64[:, c.index], y[:, c.index]
+        assert abs(c.input_mean - xs.mean().item()) <= 1e-6 * xs.std().item()
+        assert c.input_std == pytest.approx(xs.std().item(), rel=1e-6)
+        assert abs(c.output_mean - ys.mean().item()) <= 1e-6 * ys.std().item()
+        assert c.output_std == pytest.approx(ys.std().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e20, 3e38])
+def test_values_near_float32_overflow(tmp_path, scale):
+    g = torch.Generator().manual_seed(7)
+    if scale == 3e38:  # spread over float32's whole range: float32 sums of these overflow
+        x = ((torch.rand((4, 3, 6, 6), generator=g, dtype=torch.float64) * 2 - 1) * scale).float()
+    else:  # squares above float32's range
+        x = (torch.randn((4, 3, 6, 6), generator=g, dtype=torch.float64) * scale).float()
+    assert torch.isfinite(x).all()
+    torch.save(x, tmp_path / "x.pt")
+    x64 = x.double()
+    for mode in ("train", "eval"):
+        report = normalize(tmp_path / "x.pt", mode=mode, output=tmp_path / "y.pt")
+        y = torch.load(tmp_path / "y.pt", weights_only=True)
+        for c in report.channels:
+            xs = x64[:, c.index]
+            assert abs(c.input_mean - xs.mean().item()) <= 1e-6 * xs.std().item()
+            assert c.input_std == pytest.approx(xs.std().item(), rel=1e-6)
+        if mode == "train":
+            assert torch.isfinite(y).all()
+            y64 = _float64_train(x, {"weight": torch.ones(3), "bias": torch.zeros(3), "running_mean": torch.zeros(3),
+                                     "running_var": torch.ones(3)})[0]
+            y_torch, bn = _reference(x, "train")
+            ours = (y.double() - y64).abs().max().item()
+            assert ours <= 2.0 ** -24 * y64.abs().max().item() * 1.01
+            if torch.isfinite(y_torch).all():
+                assert ours <= (y_torch.double() - y64).abs().max().item()
+            # running_var = 0.9 + 0.1 var overflows float32 here, for torch as for bncli
+            assert [c.running_var for c in report.channels] == bn.running_var.double().tolist()
+            for c in report.channels:  # the normalized output's own statistics, not NaN or Inf
+                assert c.output_std == pytest.approx(y[:, c.index].double().std().item(), rel=1e-6)
+                assert abs(c.output_mean - y[:, c.index].double().mean().item()) <= 1e-6
+
+
+def _marker(v: float):
+    return None if np.isfinite(v) else ("nan" if np.isnan(v) else ("inf" if v > 0 else "-inf"))
+
+
+def test_json_says_which_non_finite(cli, tmp_path):
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    x[0, 0, 0, 0] = float("inf")  # channel 0: mean Inf, std NaN (Inf - Inf)
+    x[1, 2, 1, 1] = float("-inf")
+    torch.save(x, tmp_path / "x.pt")
+    result = cli("normalize", tmp_path / "x.pt", "--mode", "eval", "--format", "json")
+    assert result.exit_code == 0, result
+    channels = json.loads(result.stdout)["channels"]
+    for c, entry in enumerate(channels):
+        ref = {"input_mean": x[:, c].mean().item(), "input_std": x[:, c].std().item()}  # torch's own, the reference
+        expected = {k: _marker(v) for k, v in ref.items() if _marker(v)}
+        got = {k: v for k, v in entry.get("non_finite", {}).items() if k in ref}
+        assert got == expected, (c, entry)
+        assert all(entry[k] is None for k in expected)
+    assert channels[0]["non_finite"]["input_mean"] == "inf" and channels[2]["non_finite"]["input_mean"] == "-inf"
+    assert "non_finite" not in channels[1]

@@ -166,7 +166,7 @@ def test_json_matches_the_committed_schema(report):
                                    "findings": [], "error": "missing.pt: no such file"}
     assert files[str(SAMPLES / "model_defects.pt")]["error"] is None
     assert payload["summary"] == {"files": 5, "layers": 6, "channels": 160, "findings": {"info": 3, "warning": 1, "error": 3},
-                                  "unreadable": 2}
+                                  "unreadable": 2, "skipped": 0}
 
 
 def test_json_with_channels_matches_the_schema():

@@ -7,8 +7,8 @@ import torch
 from conftest import SAMPLES, bn_state
 
 
-def _one_line_error(result, *fragments):
-    assert result.exit_code == 3, result
+def _one_line_error(result, *fragments, code=3):
+    assert result.exit_code == code, result
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -99,7 +99,9 @@ def test_checkpoint_without_layer_is_a_usage_error(cli, make_ckpt):
 
 
 def test_unknown_layer_in_normalize(cli):
-    _one_line_error(cli("normalize", SAMPLES / "activations.pt", "-c", SAMPLES / "model.pt", "-l", "features.2"), "features.1")
+    # the user's argument, not a bad file: exit 2
+    _one_line_error(cli("normalize", SAMPLES / "activations.pt", "-c", SAMPLES / "model.pt", "-l", "features.2"), "features.1",
+                    code=2)
 
 
 def test_bad_output_suffix(cli, tmp_path):

@@ -514,20 +514,28 @@ def _gap_before_directory(raw: bytes) -> bytes:
 
 
 def test_sniff_and_npz_use_the_same_rules(tmp_path):
-    """sniff reads with the same parser: a prefixed .npz or torch archive is refused before numpy or torch."""
+    """sniff reads the directory with the same parser, the .npz reader the whole archive, before numpy sees it."""
     import numpy as np
+
+    from bncli.loading import load_tensor
 
     buf = io.BytesIO()
     np.savez(buf, x=np.ones(3))
     good = write(tmp_path, buf.getvalue(), "good.npz")
     assert sniff(good) == "npz"
-    # A prefix that itself looks like a local header, offsets relocated: numpy (zipfile) would read it.
+    # A prefix that itself looks like a local header: zipfile (so numpy) shifts every offset and reads the archive.
     prefix = b"PK\x03\x04" + b"\0" * 60
-    prefixed = write(tmp_path, prefix + relocate(buf.getvalue(), len(prefix)), "prefixed.npz")
-    with np.load(prefixed) as z:
+    shifted = write(tmp_path, prefix + buf.getvalue(), "shifted.npz")
+    with np.load(shifted) as z:
+        assert list(z.files) == ["x"]
+    with pytest.raises(InputError, match="zip directory is 64 bytes away"):
+        sniff(shifted)
+    # The same with its offsets relocated, as `zip -A` does: numpy reads it too; bncli refuses the hidden prefix.
+    relocated = write(tmp_path, prefix + relocate(buf.getvalue(), len(prefix)), "relocated.npz")
+    with np.load(relocated) as z:
         assert list(z.files) == ["x"]
     with pytest.raises(InputError, match="64 bytes before its first zip record"):
-        sniff(prefixed)
+        load_tensor(relocated)
 
 
 def test_records_listed_in_directory_order_with_torch_offsets(tmp_path, torch_view):

@@ -46,8 +46,8 @@ def run(
     checkpoints: Annotated[
         list[str],
         typer.Argument(
-            help="Checkpoints (.pt/.pth/.ckpt/.bin/.th or .safetensors), directories (searched for those suffixes) "
-            "or quoted glob patterns ('runs/**/*.pt').",
+            help="Checkpoints (.pt/.pth/.ckpt/.bin/.th, .safetensors, or any name), directories (every file whose "
+            "first bytes are a checkpoint; the others are skipped and counted) or quoted glob patterns ('runs/**/*.pt').",
             show_default=False,
             metavar="PATH...",
         ),

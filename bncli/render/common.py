@@ -33,6 +33,18 @@ def provenance(file: FileReport, quote: Callable[[str], str], option: Callable[[
     return ", ".join(how)
 
 
+SKIPPED_NAMES = 5  # the skipped line names this many files, then counts the rest
+
+
+def skipped_line(report: InspectReport) -> str | None:
+    """'skipped 3 files that are not checkpoints: notes.txt, ...' (escaped by the renderer), or None."""
+    n = len(report.skipped)
+    if not n:
+        return None
+    names = ", ".join(report.skipped[:SKIPPED_NAMES]) + (", ..." if n > SKIPPED_NAMES else "")
+    return f"skipped {n} file{'s' if n != 1 else ''} that {'are' if n != 1 else 'is'} not {'checkpoints' if n != 1 else 'a checkpoint'}: {names}"
+
+
 def summary_line(report: InspectReport) -> str:
     layers = sum(len(f.layers) for f in report.files)
     channels = sum(layer.num_features for f in report.files for layer in f.layers)

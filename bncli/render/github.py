@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from bncli.console import escape_data, escape_property, workflow_data, workflow_property
-from bncli.render.common import summary_line
+from bncli.console import escape_data, escape_property, no_command_lines, terminal, workflow_data, workflow_property
+from bncli.render.common import skipped_line, summary_line
 from bncli.report import InspectReport, Severity
 
 LEVELS = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "notice"}
@@ -28,5 +28,8 @@ def inspect_github(report: InspectReport) -> str:
             where = f" in {f.layer}" if f.layer is not None else ""
             message = f"{f.layer}: {f.message}" if f.layer is not None else f.message
             lines.append(command(LEVELS[f.severity], message, file=file.path, title=f"bncli {f.rule} {f.name}{where}"))
+    skipped = skipped_line(report)
+    if skipped:
+        lines.append(no_command_lines(terminal(skipped)))
     lines.append(summary_line(report))
     return "\n".join(lines)

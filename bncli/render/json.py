@@ -91,8 +91,9 @@ def inspect_payload(report: InspectReport) -> dict[str, Any]:
         "channels": sum(layer.num_features for f in report.files for layer in f.layers),
         "findings": counts,
         "unreadable": len(report.unreadable),
+        "skipped": len(report.skipped),
     }
-    return {"schema_version": SCHEMA_VERSION, "files": files, "summary": summary}
+    return {"schema_version": SCHEMA_VERSION, "files": files, "skipped": list(report.skipped), "summary": summary}
 
 
 def inspect_json(report: InspectReport) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bncli.console import md_code, md_text
-from bncli.render.common import finding_counts, fmt, provenance, summary_line
+from bncli.render.common import finding_counts, fmt, provenance, skipped_line, summary_line
 from bncli.render.spark import var_spark, weight_spark
 from bncli.report import FileReport, InspectReport, Severity
 
@@ -22,6 +22,9 @@ def code(text: str) -> str:
 
 def inspect_markdown(report: InspectReport) -> str:
     lines = [f"## bncli inspect: {finding_counts(report)}", "", summary_line(report) + "."]
+    skipped = skipped_line(report)
+    if skipped:
+        lines.extend(["", md_text(skipped) + "."])
     for file in report.files:
         lines.extend(["", *_file(file)])
     return "\n".join(lines)

@@ -6,7 +6,7 @@ from rich.console import Group, RenderableType
 from rich.text import Text
 
 from bncli.console import terminal, text
-from bncli.render.common import fmt, provenance, summary_line
+from bncli.render.common import fmt, provenance, skipped_line, summary_line
 from bncli.render.layout import Column, Grid
 from bncli.render.spark import var_spark, weight_spark
 from bncli.report import FileReport, InspectReport, NormalizeReport, Severity
@@ -55,6 +55,9 @@ def inspect_table(report: InspectReport) -> RenderableType:
     parts: list[RenderableType] = []
     for file in report.files:
         parts.extend(_file_parts(file))
+    skipped = skipped_line(report)
+    if skipped:
+        parts.append(text(skipped, style="dim"))
     parts.append(Text(summary_line(report)))
     return Group(*parts)
 
