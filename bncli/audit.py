@@ -230,7 +230,8 @@ def inspect_file(
     findings = [f for found in per_layer for f in found] + across
     prov = ckpt.provenance
     return FileReport(
-        prov.path, prov.format, prov.container, prov.prefix, tuple(layers), tuple(findings), alternatives=prov.alternatives
+        prov.path, prov.format, prov.container, prov.prefix, tuple(layers), tuple(findings), alternatives=prov.alternatives,
+        model_class=prov.model_class, pickled_globals=len(prov.pickled_globals),
     )
 
 
@@ -255,6 +256,9 @@ def summarize_layer(bn: BNLayer, findings: list[Finding], per_channel: bool = Fa
         channels=channels,
         running_var_profile=channel_profile(bn.running_var, log_scale=True),
         weight_abs_profile=None if bn.weight is None else channel_profile(np.abs(bn.weight)),
+        eps=bn.eps,
+        momentum=bn.momentum,
+        class_path=bn.class_path,
     )
 
 

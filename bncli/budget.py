@@ -67,7 +67,8 @@ class Budget:
         self.where = where
         self.cap = max_load_bytes()
         # Beyond the file's own bytes, allocations in proportion to its size.
-        self.extra_left = min(self.cap, AMPLIFICATION_FLOOR + AMPLIFICATION_FACTOR * max(file_size, 0))
+        self.extra_limit = min(self.cap, AMPLIFICATION_FLOOR + AMPLIFICATION_FACTOR * max(file_size, 0))
+        self.extra_left = self.extra_limit
         self.bytes_left = self.cap
         self.ops_left = MAX_PICKLE_OPS
 
@@ -86,9 +87,11 @@ class Budget:
     def amplify(self, nbytes: int, what: str) -> None:
         """Bytes the file makes bncli allocate beyond its own (bytearray(n), views that repeat bytes)."""
         if nbytes > self.extra_left:
+            used = self.extra_limit - self.extra_left
+            so_far = f", after {human(used)} already" if used else ""
             raise self.refuse(
-                f"{what} would allocate {human(nbytes)} from a file of this size; refused "
-                f"(a file may make bncli allocate at most {human(AMPLIFICATION_FLOOR)} plus twice its size)"
+                f"{what} would allocate {human(nbytes)} from nothing{so_far}, past the {human(self.extra_limit)} a "
+                f"file of this size may make bncli allocate ({human(AMPLIFICATION_FLOOR)} plus twice its size); refused"
             )
         self.extra_left -= nbytes
         self.charge(nbytes, what)

@@ -44,6 +44,11 @@ class BNLayer:
     bias: np.ndarray | None
     num_batches_tracked: int | None
     dtype: str  # dtype of running_var as stored, e.g. "float32" or "bfloat16"
+    # What a whole pickled model says of the module (None for state dicts, which do not store them)
+    eps: float | None = None
+    momentum: float | None = None
+    momentum_given: bool = False  # whether momentum was stated (then None means a cumulative average)
+    class_path: str | None = None  # e.g. "torch.nn.modules.batchnorm.BatchNorm2d"
 
     @property
     def num_features(self) -> int:
@@ -137,10 +142,15 @@ def read_layer(ckpt: Checkpoint, keys: LayerKeys) -> BNLayer:
         if array.ndim > 1:
             raise InputError(f"{path}: {key} has shape {tuple(array.shape)}; BatchNorm tensors are 1-D (num_features,)")
         arrays[field] = array.reshape(-1)
+    meta = ckpt.layer_meta.get(keys.name)
     return BNLayer(
         name=keys.name,
         num_batches_tracked=_count(ckpt, keys.num_batches_tracked),
         dtype=ckpt.dtype(keys.running_var),
+        eps=meta.eps if meta else None,
+        momentum=meta.momentum if meta else None,
+        momentum_given=meta.momentum_given if meta else False,
+        class_path=meta.class_path if meta else None,
         **arrays,
     )
 

@@ -14,7 +14,7 @@ from typing import Any
 from bncli.archive import SAFETENSORS_DTYPES, check_safetensors, human, max_load_bytes, show
 from bncli.budget import Budget
 from bncli.errors import BncliError, InputError, UnsafeFileError, first_line
-from bncli.formats.modules import flatten, is_module
+from bncli.formats.modules import ModelTooLarge, flatten, is_module
 from bncli.formats.tensors import LazyTensor, OpaqueTensor
 from bncli.layers import ROOT
 
@@ -209,7 +209,10 @@ def load_checkpoint(path: str | os.PathLike, state: str | None = None, strip_pre
         obj, machine = read_torch(path, fmt)
         found, container, alternatives = find_state_dict(obj, path, state)
         if is_module(found):
-            flat, meta, extra["model_class"] = flatten(found)
+            try:
+                flat, meta, extra["model_class"] = flatten(found)
+            except ModelTooLarge as exc:
+                raise InputError(f"{show(path)}: {exc}; refused") from None
             entries = dict(flat)
         else:
             entries = {k: v for k, v in found.items() if not _is_record(v)}  # records are no tensors

@@ -127,12 +127,17 @@ def build_layer(num_features: int, *, eps: float, momentum: float | None, affine
     return bn
 
 
+# The defaults of a fresh BatchNorm2d, used where neither an option nor the checkpoint's layer says otherwise.
+DEFAULT_EPS, DEFAULT_MOMENTUM = 1e-5, 0.1
+UNSET = "unset"  # momentum not given (None already means a cumulative average)
+
+
 def normalize(
     input_path: str | os.PathLike,
     *,
     mode: str = "train",
-    eps: float = 1e-5,
-    momentum: float | None = 0.1,
+    eps: float | None = None,
+    momentum: float | None | str = UNSET,
     affine: bool = True,
     checkpoint: str | os.PathLike | None = None,
     layer: str | None = None,
@@ -141,7 +146,10 @@ def normalize(
     add_batch_dim: bool = False,
     output: str | os.PathLike | None = None,
 ) -> NormalizeReport:
-    """Apply one BatchNorm2d (fresh, or a checkpoint's layer) to a tensor and report per-channel statistics."""
+    """Apply one BatchNorm2d (fresh, or a checkpoint's layer) to a tensor and report per-channel statistics.
+
+    `eps` and `momentum` left unset take the checkpoint layer's own (a whole pickled model states them), else
+    PyTorch's defaults."""
     import torch
 
     from bncli.loading import load_tensor
@@ -150,6 +158,16 @@ def normalize(
         raise InputError(f"{output}: unsupported output suffix; use one of {', '.join(OUTPUT_SUFFIXES)}")
     if (checkpoint is None) != (layer is None):
         raise InputError("--checkpoint and --layer go together: name the file and the layer in it")
+    from_layer: list[str] = []
+    state = _checkpoint_layer(checkpoint, layer) if checkpoint is not None else None
+    if eps is None:
+        eps = DEFAULT_EPS if state is None or state.eps is None else state.eps
+        if state is not None and state.eps is not None:
+            from_layer.append("eps")
+    if momentum == UNSET:
+        momentum = state.momentum if state is not None and state.momentum_given else DEFAULT_MOMENTUM
+        if state is not None and state.momentum_given:
+            from_layer.append("momentum")
     if eps == 0 and mode == "train":
         raise UsageError(
             "--eps 0 works in eval mode only: torch's batch_norm refuses eps 0 in training (FrozenBatchNorm2d layers, "
@@ -162,9 +180,7 @@ def normalize(
 
     # Whatever the layer, an NHWC tensor whose H happens to equal C passes every check and is silently wrong.
     warnings = [hint] if not channels_last and (hint := channels_last_warning(x)) else []
-    state = None
-    if checkpoint is not None:
-        state = _checkpoint_layer(checkpoint, layer)
+    if state is not None:
         affine = affine and (state.weight is not None or state.bias is not None)
         check_channels(x, state.num_features, source, f"layer {layer!r}", channels_last)
         num_features = state.num_features
@@ -210,6 +226,7 @@ def normalize(
         channels=channels,
         output_path=None if output is None else str(output),
         warnings=tuple(warnings),
+        from_layer=tuple(from_layer),
     )
 
 

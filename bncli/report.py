@@ -71,6 +71,10 @@ class LayerReport:
     # channels, else one representative channel per bucket of channels, so a report stays small whatever the model.
     running_var_profile: tuple[float, ...] = ()
     weight_abs_profile: tuple[float, ...] | None = None  # None: affine=False
+    # From a whole pickled model; None for state dicts, which do not store them (momentum None: unknown or cumulative)
+    eps: float | None = None
+    momentum: float | None = None
+    class_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,8 @@ class FileReport:
     findings: tuple[Finding, ...]
     error: str | None = None  # why the file could not be read; then layers and findings are empty
     alternatives: tuple[str, ...] = ()  # other state dicts in the file (an EMA copy...), for --state
+    model_class: str | None = None  # a whole pickled model read as data: its class
+    pickled_globals: int = 0  # how many globals its pickle names that were not imported (BN012 lists them)
 
     @classmethod
     def unreadable(cls, path: str, error: str) -> FileReport:
@@ -140,3 +146,4 @@ class NormalizeReport:
     channels: tuple[ChannelStats, ...]
     output_path: str | None
     warnings: tuple[str, ...] = ()
+    from_layer: tuple[str, ...] = ()  # settings taken from a whole pickled model's layer: "eps", "momentum"

@@ -272,23 +272,24 @@ def check_never_updated(layer: BNLayer, t: Thresholds) -> Hits:
         'layer, recompute the statistics on representative data, or use a larger eps. Pass `--eps` if your layers '
         "use another eps (Keras' default is 1e-3)."
     ),
-    thresholds_note="`--min-var` (default: the value of `--eps`), `--eps` (default 1e-5, PyTorch's default; the state dict does not store a layer's eps; with `--eps 0`, as in FrozenBatchNorm2d models, a running_var of exactly 0 is reported too: its scale is infinite)",
+    thresholds_note="`--min-var` (default: the value of `--eps`), `--eps` (default 1e-5, PyTorch's default; a state dict does not store a layer's eps, a whole pickled model does, and then its own eps is used; with `--eps 0`, as in FrozenBatchNorm2d models, a running_var of exactly 0 is reported too: its scale is infinite)",
 )
 def check_collapsed_var(layer: BNLayer, t: Thresholds) -> Hits:
     import numpy as np
 
     var = layer.running_var.astype(np.float64)
     eps = layer_eps(layer, t)
+    below_this = eps if t.min_var is None else t.min_var  # the layer's own eps when a whole model says it
     # With eps 0 (FrozenBatchNorm2d models) a zero variance divides by zero, whatever the threshold.
-    bad = _channels(np.isfinite(var) & (var >= 0) & ((var < t.collapsed_below) | ((var == 0) & (eps == 0))))
+    bad = _channels(np.isfinite(var) & (var >= 0) & ((var < below_this) | ((var == 0) & (eps == 0))))
     if not bad:
         return []
     worst = min(bad, key=lambda c: var[c])
     with np.errstate(divide="ignore"):
         scale = float(1.0 / np.sqrt(var[worst] + eps))
     zeros = int(np.count_nonzero(var[list(bad)] == 0))
-    exact = f", {zeros} of the {len(bad)} exactly 0" if zeros and t.collapsed_below > 0 else ""  # pruned, not tiny
-    below = f"running_var below {t.collapsed_below:g}" if t.collapsed_below > 0 else "running_var 0"
+    exact = f", {zeros} of the {len(bad)} exactly 0" if zeros and below_this > 0 else ""  # pruned, not tiny
+    below = f"running_var below {below_this:g}" if below_this > 0 else "running_var 0"
     return [
         (
             bad,

@@ -162,7 +162,7 @@ def test_json_matches_the_committed_schema(report):
     payload = json.loads(inspect_json(report))
     assert validate(payload, SCHEMA, closed=True) == []
     files = {f["path"]: f for f in payload["files"]}
-    assert files["missing.pt"] == {"path": "missing.pt", "format": None, "container": None, "prefix": None, "alternatives": [], "layers": [],
+    assert files["missing.pt"] == {"path": "missing.pt", "format": None, "container": None, "prefix": None, "alternatives": [], "model_class": None, "layers": [],
                                    "findings": [], "error": "missing.pt: no such file"}
     assert files[str(SAMPLES / "model_defects.pt")]["error"] is None
     assert payload["summary"] == {"files": 5, "layers": 6, "channels": 160, "findings": {"info": 3, "warning": 1, "error": 3},

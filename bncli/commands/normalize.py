@@ -36,6 +36,7 @@ def parse_momentum(value: str | float | None) -> float | None:
 
 
 def run(
+    ctx: typer.Context,
     input: Annotated[
         Path, typer.Argument(help="Tensor file (N, C, H, W): .pt/.pth, .safetensors, .npy or .npz.", show_default=False)
     ],
@@ -43,11 +44,11 @@ def run(
         Mode,
         typer.Option("--mode", "-m", help="train: normalize with batch statistics and update the running ones; eval: use the running ones."),
     ] = Mode.TRAIN,
-    eps: Annotated[float, typer.Option("--eps", callback=check_eps, help="Added to the variance (PyTorch 1e-5; Keras uses 1e-3).")] = 1e-5,
+    eps: Annotated[float, typer.Option("--eps", callback=check_eps, help="Added to the variance (PyTorch 1e-5; Keras uses 1e-3). Default: the checkpoint layer's own when a whole pickled model says it, else 1e-5.")] = 1e-5,
     momentum: Annotated[
         Optional[float],
         typer.Option(
-            "--momentum", parser=parse_momentum, metavar="FLOAT|none", help="Running-statistics momentum; 'none' for a cumulative average."
+            "--momentum", parser=parse_momentum, metavar="FLOAT|none", help="Running-statistics momentum; 'none' for a cumulative average. Default: the checkpoint layer's own when a whole pickled model says it, else 0.1."
         ),
     ] = 0.1,
     affine: Annotated[bool, typer.Option("--affine/--no-affine", help="Apply weight and bias (fresh layer: 1 and 0).")] = True,
@@ -82,11 +83,15 @@ def run(
     if (checkpoint is None) != (layer is None):
         raise typer.BadParameter("--checkpoint and --layer go together: name the file and the layer in it")
     render = renderer_for(fmt, "normalize")  # before any work: an unsupported format must not leave an output behind
+    from bncli.normalize import UNSET
+
+    # typer may vendor its own click: compare the parameter source by name
+    given = {name: getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT" for name in ("eps", "momentum")}
     report = normalize(
         input,
         mode=mode.value,
-        eps=eps,
-        momentum=momentum,
+        eps=eps if given["eps"] else None,  # unset: the checkpoint layer's own, when it states one
+        momentum=momentum if given["momentum"] else UNSET,
         affine=affine,
         checkpoint=checkpoint,
         layer=layer,

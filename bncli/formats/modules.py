@@ -7,6 +7,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from bncli.budget import MAX_DEPTH, MAX_ENTRIES
 from bncli.formats.pickle_vm import Instance
 from bncli.formats.tensors import LazyTensor, OpaqueTensor
 
@@ -41,21 +42,31 @@ def is_module(obj: Any) -> bool:
     return module_state(obj) is not None
 
 
-def _named_modules(root: Instance):
-    """(name, record, state) in named_modules() order: pre-order, children in _modules order, each module once."""
-    seen: set[int] = set()
-    stack: list[tuple[str, Any]] = [("", root)]
+def _walk_modules(root: Instance):
+    """(name, record, state) in the order torch's state_dict() visits modules: pre-order, children in _modules
+    order. A module reachable twice (shared) is visited under each name, as state_dict() does; a module that
+    contains itself (a cycle, which state_dict() would follow forever) is not entered again below itself. The
+    number of names is bounded (budget.MAX_ENTRIES) so that a DAG of shared modules cannot expand exponentially."""
+    stack: list[tuple[str, Any, frozenset]] = [("", root, frozenset())]
+    visited = 0
     while stack:
-        name, node = stack.pop()
+        name, node, above = stack.pop()
         state = module_state(node)
-        if state is None or id(node) in seen:
+        if state is None or id(node) in above:
             continue
-        seen.add(id(node))
+        visited += 1
+        if visited > MAX_ENTRIES or len(above) > MAX_DEPTH:
+            raise ModelTooLarge(f"its pickled model names more than {MAX_ENTRIES:,} modules (or nests them deeper than {MAX_DEPTH})")
         yield name, node, state
         children = state.get("_modules")
         if isinstance(children, dict):
-            kids = [(f"{name}.{k}" if name else str(k), v) for k, v in children.items() if isinstance(k, str) and v is not None]
+            here = above | {id(node)}
+            kids = [(f"{name}.{k}" if name else str(k), v, here) for k, v in children.items() if isinstance(k, str) and v is not None]
             stack.extend(reversed(kids))
+
+
+class ModelTooLarge(Exception):
+    """A module tree beyond the budget: the reader turns it into an InputError naming the file."""
 
 
 def _tensor(value: Any) -> bool:
@@ -66,7 +77,7 @@ def flatten(root: Instance) -> tuple[OrderedDict, dict[str, LayerMeta], str | No
     """The state dict of a module record, the BatchNorm modules' metadata by module name, and the root's class."""
     flat: OrderedDict[str, Any] = OrderedDict()
     meta: dict[str, LayerMeta] = {}
-    for name, node, state in _named_modules(root):
+    for name, node, state in _walk_modules(root):
         prefix = f"{name}." if name else ""
         params = state.get("_parameters") if isinstance(state.get("_parameters"), dict) else {}
         buffers = state.get("_buffers") if isinstance(state.get("_buffers"), dict) else {}

@@ -54,7 +54,11 @@ def load(path: Path, budget: Budget) -> tuple[Any, Machine]:
     roots: dict[str, LazyStorage] = {}
     views: dict[str, LazyStorage] = {}
 
-    def persistent_load(pid: Any) -> LazyStorage:
+    def persistent_load(pid: Any) -> Any:
+        if type(pid) is tuple and len(pid) == 4 and pid[0] in ("module", b"module"):
+            # a whole model's class, saved with its source code for torch's "source changed" warning: the class
+            # (a record) is what torch returns; the source text is ignored, as torch only compares it
+            return pid[1]
         if not (type(pid) is tuple and len(pid) == 6 and pid[0] in ("storage", b"storage")):
             raise PickleError("a persistent id that is not a storage")
         _, kind, key, _location, numel, view = pid

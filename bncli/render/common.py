@@ -24,7 +24,14 @@ def fmt(value: float | int | None) -> str:
 def provenance(file: FileReport, quote: Callable[[str], str], option: Callable[[str], str] = str) -> str:
     """'torch-zip, state dict under 'model', prefix 'module.' stripped, also 'model_ema' (choose with --state)'."""
     how = [file.format or ""]
-    if file.container:
+    if file.model_class:
+        # "whole pickled model models.yolo.DetectionModel under 'ema', read as data (17 classes not imported)"
+        model = f"whole pickled model {quote(file.model_class)}"
+        if file.container:
+            model += f" under {quote(file.container)}"
+        n = file.pickled_globals
+        how.append(model + f", read as data ({n} global{'s' if n != 1 else ''} not imported)")
+    elif file.container:
         how.append(f"state dict under {quote(file.container)}")
     if file.prefix:
         how.append(f"prefix {quote(file.prefix)} stripped")

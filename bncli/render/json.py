@@ -68,6 +68,10 @@ def inspect_payload(report: InspectReport) -> dict[str, Any]:
                 "running_var": {"min": layer.running_var.min, "median": layer.running_var.center, "max": layer.running_var.max},
                 "weight_abs_min": layer.weight_abs_min,
                 "flags": list(layer.flags),
+                # from a whole pickled model; null for state dicts, which do not store them
+                "eps": layer.eps,
+                "momentum": layer.momentum,
+                "class": layer.class_path,
             }
             if layer.channels is not None:
                 entry["channels"] = [dataclasses.asdict(c) for c in layer.channels]
@@ -79,6 +83,7 @@ def inspect_payload(report: InspectReport) -> dict[str, Any]:
                 "container": f.container,
                 "prefix": f.prefix,
                 "alternatives": list(f.alternatives),
+                "model_class": f.model_class,  # a whole pickled model read as data; null for state dicts
                 "layers": layers,
                 "findings": [dataclasses.asdict(x) for x in f.findings],
                 "error": f.error,  # an extension of schema_version 1: null unless the file could not be read
@@ -108,6 +113,7 @@ def normalize_json(report: NormalizeReport) -> str:
             "mode": report.mode,
             "eps": report.eps,
             "momentum": report.momentum,
+            "from_layer": list(report.from_layer),  # which of eps, momentum are the checkpoint layer's own
             "affine": report.affine,
             "layer": report.layer_source,
             "channels_last": report.channels_last,

@@ -131,6 +131,10 @@ def _channel_table(file: FileReport) -> list[RenderableType]:
     return [title, Grid(CHANNEL_COLUMNS, rows)]
 
 
+def _own(setting: str, report: NormalizeReport) -> str:
+    return " (the layer's own)" if setting in report.from_layer else ""
+
+
 def normalize_table(report: NormalizeReport) -> RenderableType:
     layer = f"layer {report.layer_source}" if report.layer_source else "a fresh BatchNorm2d"
     momentum = "cumulative" if report.momentum is None else f"{report.momentum:g}"
@@ -138,7 +142,8 @@ def normalize_table(report: NormalizeReport) -> RenderableType:
     source = report.input_path + (f"[{report.input_key}]" if report.input_key else "")
     title = (
         f"{report.mode} mode, {layer}: {source} {shape} {report.dtype}"
-        f"{' channels-last' if report.channels_last else ''}; eps={report.eps:g}, momentum={momentum}, "
+        f"{' channels-last' if report.channels_last else ''}; eps={report.eps:g}{_own('eps', report)}, "
+        f"momentum={momentum}{_own('momentum', report)}, "
         f"affine={'yes' if report.affine else 'no'}"
     )
     after = "after the update" if report.mode == "train" else "used, unchanged"
