@@ -10,6 +10,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from bncli.commands.options import format_option, output_file_option, require_torch
+from bncli.errors import UsageError
 from bncli.render import Format
 
 COMMAND = {
@@ -125,10 +127,11 @@ def run(
             "the output keeps it.",
         ),
     ] = None,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format of the before/after table.")] = Format.TABLE,
+    fmt: Annotated[Format, format_option("recalibrate", help="Output format of the before/after table.")] = Format.TABLE,
     wide: Annotated[
         bool, typer.Option("--wide", help="Tables with every column, however narrow the terminal (lines may be longer).")
     ] = False,
+    output_file: Annotated[Optional[Path], output_file_option(short=False)] = None,
 ) -> None:
     """Re-estimate every BatchNorm layer's running_mean and running_var from calibration data, exactly.
 
@@ -140,7 +143,13 @@ def run(
     --check writes nothing: it ranks the layers by how far the data's statistics are from the stored ones and
     exits 1 when one passes --max-shift or --max-var-ratio.
     """
-    from bncli.console import emit, warn
+    from bncli.console import warn
+    from bncli.delivery import deliver
+
+    require_torch("recalibrate")
+
+    if output_file is not None and output is not None and Path(output_file).absolute() == Path(output).absolute():
+        raise UsageError("--output-file (the report) and --output (the checkpoint) name the same file")
     from bncli.recalibrate import recalibrate
     from bncli.render import renderer_for
 
@@ -166,6 +175,6 @@ def run(
         warn=warn,
     )
     if report is not None:
-        emit(renderer_for(fmt, "recalibrate")(report), wide=wide)
+        deliver(renderer_for(fmt, "recalibrate")(report), output_file, wide=wide)
         if report.check is not None and not report.check.passed:
             raise typer.Exit(1)

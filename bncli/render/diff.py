@@ -223,7 +223,7 @@ def recalibrate_lines(report) -> list[str]:
                  f"{used} ({report.device}{ranks}); wrote {report.output}"]
     else:
         lines = [f"checked {report.checkpoint} with --model {report.model}",
-                 f"{used} ({report.device}{ranks}); nothing written", check_line(report.check)]
+                 f"{used} ({report.device}{ranks}); no checkpoint written", check_line(report.check)]
     if report.unused:
         what = "not measured" if report.check is not None else "left unchanged"
         lines.append(f"{what} (no input reached them): {', '.join(report.unused)}")
