@@ -109,10 +109,10 @@ def run(
         ),
     ] = None,
     num_samples: Annotated[
-        Optional[int], typer.Option("--num-samples", "-n", min=1, help="Use at most this many samples. (default: 8192)")
+        Optional[int], typer.Option("--num-samples", "-n", min=1, help="Use at most this many samples.", show_default="8192")
     ] = None,
     batch_size: Annotated[
-        Optional[int], typer.Option("--batch-size", "-b", min=1, help="Samples per forward pass. (default: 64)")
+        Optional[int], typer.Option("--batch-size", "-b", min=1, help="Samples per forward pass.", show_default="64")
     ] = None,
     device: Annotated[Device, typer.Option("--device", help="Where to run the model.")] = Device.CPU,
     key: Annotated[Optional[str], typer.Option("--key", "-k", help="Which tensor, when a data file holds several.")] = None,
