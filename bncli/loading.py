@@ -14,9 +14,7 @@ from typing import Any
 from bncli.budget import Budget, human, max_load_bytes
 from bncli.console import show
 from bncli.errors import BncliError, InputError, UnsafeFileError, first_line
-from bncli.formats.modules import ModelTooLarge, flatten, is_module
 from bncli.formats.safetensors import SAFETENSORS_DTYPES, check_safetensors, open_safetensors  # noqa: F401
-from bncli.formats.tensors import LazyTensor, OpaqueTensor
 from bncli.layers import ROOT
 
 # Keys under which training scripts commonly nest the model's state dict, in order of preference:
@@ -252,6 +250,8 @@ def load_checkpoint(path: str | os.PathLike, state: str | None = None, strip_pre
         obj, machine = read_torch(path, fmt)
         found, container, alternatives = find_state_dict(obj, path, state)
         if is_module(found):
+            from bncli.formats.modules import ModelTooLarge, flatten
+
             try:
                 flat, meta, extra["model_class"] = flatten(found)
             except ModelTooLarge as exc:
@@ -268,6 +268,13 @@ def load_checkpoint(path: str | os.PathLike, state: str | None = None, strip_pre
         meta = {_strip(name, prefix): m for name, m in meta.items()}
     prov = Provenance(show(path), fmt, container, prefix, alternatives, **extra)
     return Checkpoint(prov, entries, reader, {(name or ROOT): m for name, m in meta.items()})
+
+
+def is_module(obj: Any) -> bool:
+    """A whole pickled nn.Module, read as data (the torch readers are imported only for torch files)."""
+    from bncli.formats.modules import is_module as module_record
+
+    return module_record(obj)
 
 
 def _strip(name: str, prefix: str) -> str:
@@ -362,7 +369,8 @@ def _is_tensor(value: Any) -> bool:
     """A tensor of any origin; torch and numpy are looked up, not imported: a module not loaded made no value."""
     import sys
 
-    if isinstance(value, (LazyTensor, OpaqueTensor)):
+    tensors = sys.modules.get("bncli.formats.tensors")  # not loaded: no torch file was read, so no lazy tensor
+    if tensors is not None and isinstance(value, (tensors.LazyTensor, tensors.OpaqueTensor)):
         return True
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):
@@ -491,6 +499,8 @@ class _TorchReader:
         """bncli's lazy tensors (bfloat16 widened), torch tensors and plain numbers, as numpy."""
         import numpy as np
 
+        from bncli.formats.tensors import LazyTensor, OpaqueTensor
+
         if isinstance(value, (LazyTensor, OpaqueTensor)):
             array = value.numpy()
             return array.astype(np.float32) if array.dtype == np.float16 else array
@@ -577,7 +587,7 @@ def _lazy_to_torch(path: Path, value: Any, name: str | None):
     import torch
 
     where = f"{show(path)}: {name}" if name else show(path)
-    from bncli.formats.tensors import RAW_ONLY
+    from bncli.formats.tensors import RAW_ONLY, LazyTensor
 
     try:
         array = value.numpy(raw=True) if isinstance(value, LazyTensor) else value.numpy()
