@@ -99,7 +99,40 @@ def sniff(path: Path) -> str:
         )
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
-    raise InputError(f"{show(path)}: not a checkpoint bncli can read (looks like: {_describe(head)})")
+    prefix = _zip_prefix(path, size)
+    if prefix is None:
+        looks = _describe(head)
+    else:
+        looks = f"zip archive with {prefix} byte{'s' if prefix != 1 else ''} of other data before it, which torch.load cannot read either"
+    raise InputError(f"{show(path)}: not a checkpoint bncli can read (looks like: {looks})")
+
+
+def _zip_prefix(path: Path, size: int) -> int | None:
+    """How many bytes precede a zip archive at the end of the file (a prefixed or self-extracting archive), or None.
+
+    Only a guess for the message: the end record's directory is looked for where Python's zipfile would find it.
+    """
+    import struct
+
+    tail_start = max(0, size - 22 - 0xFFFF)
+    try:
+        with path.open("rb") as fh:
+            fh.seek(tail_start)
+            tail = fh.read()
+            pos = tail.rfind(b"PK\x05\x06", 0, max(0, len(tail) - 18))
+            if pos < 0:
+                return None
+            cd_size, cd_offset = struct.unpack_from("<II", tail, pos + 12)
+            end = tail_start + pos - (76 if tail[pos - 20 : pos - 16] == b"PK\x06\x07" else 0)
+            shift = end - cd_size - cd_offset
+            fh.seek(cd_offset + max(shift, 0))
+            entry = fh.read(46)
+    except (OSError, struct.error):
+        return None
+    if len(entry) < 46 or not entry.startswith(b"PK\x01\x02"):
+        return None
+    first = struct.unpack_from("<I", entry, 42)[0] + max(shift, 0)  # the first entry's local header
+    return first if first > 0 else None
 
 
 def _format_of(head: bytes) -> str | None:
