@@ -229,6 +229,9 @@ def _as_text(head: bytes) -> str | None:
 # --------------------------------------------------------------------------- checkpoints
 
 
+UNREADABLE = "unreadable"  # the dtype of a tensor bncli does not read (Checkpoint.read says why)
+
+
 class Checkpoint(Mapping[str, Any]):
     """A flat, ordered {name: tensor-like} view of one file; arrays are read only when asked for."""
 
@@ -523,6 +526,10 @@ def _utf8_name(path: Path) -> bool:
 class _TorchReader:
     @staticmethod
     def dtype(value: Any) -> str:
+        from bncli.formats.tensors import OpaqueTensor
+
+        if isinstance(value, OpaqueTensor):
+            return UNREADABLE
         if hasattr(value, "dtype"):
             return str(value.dtype).removeprefix("torch.")
         return "float64" if isinstance(value, float) else "int64"
@@ -544,6 +551,9 @@ class _TorchReader:
             if value.dtype == torch.bfloat16:
                 value = value.float()  # numpy has no bfloat16
             value = value.numpy()
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            # numpy would make an object array of it (and a 5000-digit int cannot even be printed)
+            raise ValueError(f"a plain integer of {value.bit_length()} bits, beyond int64")
         array = np.array(value)
         # float16 widened exactly: statistics computed in float16 would underflow below eps
         return array.astype(np.float32) if array.dtype == np.float16 else array
