@@ -62,6 +62,9 @@ class Provenance:
     # ones outside torch first), and the ones it would call (REDUCE, NEWOBJ...). Empty for plain state dicts.
     pickled_globals: tuple[str, ...] = ()
     pickled_calls: tuple[str, ...] = ()
+    # The optimizer steps the checkpoint records beside the state dict (Lightning's global_step, an optimizer
+    # state's step; bncli/steps.py), for rule BN016; None where it says nothing.
+    optimizer_steps: int | None = None
 
 
 # --------------------------------------------------------------------------- sniffing
@@ -208,6 +211,10 @@ def load_checkpoint(path: str | os.PathLike, state: str | None = None, strip_pre
     elif fmt in ("torch-zip", "torch-legacy"):
         obj, machine = read_torch(path, fmt)
         found, container, alternatives = find_state_dict(obj, path, state)
+        if found is not obj:
+            from bncli.steps import optimizer_steps
+
+            extra["optimizer_steps"] = optimizer_steps(obj)
         if is_module(found):
             try:
                 flat, meta, extra["model_class"] = flatten(found)

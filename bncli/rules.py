@@ -34,8 +34,9 @@ class Thresholds:
 
 
 Hits = list[tuple[tuple[int, ...], str]]
-# File rules may name the layer a finding is about: (layer name or None, channels, message).
-FileHits = list[tuple["str | None", tuple[int, ...], str]]
+# File rules may name the layer a finding is about: (layer name or None, channels, message), and may give a hit a
+# severity of its own as a fourth element (BN016: info for a ratio that every layer shares).
+FileHits = list[tuple]
 
 FLOAT16_MAX = 65504.0  # the largest finite float16: a folded weight beyond it overflows a half-precision export
 
@@ -610,7 +611,7 @@ def check_fold_risk(layer: BNLayer, t: Thresholds) -> Hits:
     ),
     severity_note='error with `--require-bn` or `require-bn = true`',
 )
-def check_no_batchnorm(layers: list[BNLayer], t: Thresholds) -> FileHits:
+def check_no_batchnorm(layers: list[BNLayer], t: Thresholds, prov=None) -> FileHits:
     if layers:
         return []
     return [(None, (), "no BatchNorm layer in the file (no key prefix has both running_mean and running_var)")]
@@ -645,7 +646,7 @@ def check_no_batchnorm(layers: list[BNLayer], t: Thresholds) -> FileHits:
         'copies differ layer by layer.'
     ),
 )
-def check_duplicate_statistics(layers: list[BNLayer], t: Thresholds) -> FileHits:
+def check_duplicate_statistics(layers: list[BNLayer], t: Thresholds, prov=None) -> FileHits:
     groups: dict[tuple, list[BNLayer]] = {}
     for bn in layers:
         if bn.running_mean.shape != bn.running_var.shape or _is_default_stats(bn):
@@ -669,6 +670,105 @@ def check_duplicate_statistics(layers: list[BNLayer], t: Thresholds) -> FileHits
                 "(a module shared and saved twice, or an EMA or copy whose buffers were never updated)",
             )
         )
+    return out
+
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _times(k: int) -> str:
+    return {2: "twice", 3: "three times"}.get(k, f"{k} times")
+
+
+def _layers(names: list[str]) -> str:
+    return "1 layer" if len(names) == 1 else f"{len(names)} layers"
+
+
+def _per_step(count: int, steps: int, who: str) -> tuple:
+    """An info hit: `who` counted `count` batches where the checkpoint records `steps` optimizer steps."""
+    ratio = count / steps
+    if count % steps == 0:
+        k = count // steps
+        why = f"{k}x: gradient accumulation over {k} batches, or {k} forwards in train mode per step"
+    elif count < steps:
+        why = (f"{ratio:.3g}x, fewer batches than steps: BatchNorm frozen or in eval() for part of training, or its "
+               "counts reset (statistics loaded from another run)")
+    else:
+        why = f"{ratio:.3g}x, not a whole multiple: a second forward in train mode in some steps only"
+    return (None, (), f"{who} counted {count} batches over the {steps} optimizer steps the checkpoint records: {why}",
+            Severity.INFO)
+
+
+@rule(
+    'BN016',
+    'uneven-batch-counts',
+    Severity.WARNING,
+    'layers of one state dict counted different numbers of batches (num_batches_tracked)',
+    scope='file',
+    detects=(
+        'Layers of one state dict whose `num_batches_tracked` differ. The layers are grouped by count; each group '
+        'that differs from the most common count is one finding, named after its first layer, that says what the '
+        'ratio means: a whole multiple k means the layer was updated k times per step (activation checkpointing '
+        'recomputes a block in train mode during backward; a second forward in train mode), 0 beside trained counts '
+        'means never updated (frozen, or loaded from weights without counts). Where the checkpoint records how many '
+        "optimizer steps it took (Lightning's `global_step`, an optimizer state's `step`) the counts are compared "
+        'with it too: equal is silent, the same whole ratio k > 1 in every layer is an info (gradient '
+        'accumulation over k batches, or k forwards per step). Layers without counts are left out; no counts, or '
+        'all equal (and equal to the steps where known): no finding.'
+    ),
+    why=(
+        'Each update moves the running statistics by `momentum`: a layer updated twice per step follows a '
+        'different average than its neighbours (with activation checkpointing, of the same batch twice; with a '
+        'validation pass in train mode, of the validation data). The counts are the only trace a state dict keeps '
+        'of how often each layer was updated.'
+    ),
+    example=(
+        'warning BN016 uneven-batch-counts blocks.1.bn: 1 layer counted 20 batches, 1 layer 10: 2x, updated twice '
+        'per step: activation checkpointing or a second forward in train mode',
+    ),
+    fix=(
+        'With activation checkpointing, keep BatchNorm outside the checkpointed blocks, or save and restore its '
+        'buffers around the recomputation (or accept the double update: it is of the same batch); run validation '
+        'after `model.eval()`. `bncli.watch(model, optimizer)` names the step and the layer while it trains (BN017, '
+        'BN018); `bncli recalibrate` recomputes the statistics afterwards.'
+    ),
+    severity_note='info when every layer counted the same multiple k > 1 of the optimizer steps the checkpoint records',
+)
+def check_uneven_counts(layers: list[BNLayer], t: Thresholds, prov=None) -> FileHits:
+    counted = [(bn.name, bn.num_batches_tracked) for bn in layers if bn.num_batches_tracked is not None]
+    steps = getattr(prov, "optimizer_steps", None) or None  # 0 steps says nothing to compare with
+    groups: dict[int, list[str]] = {}
+    for name, count in counted:
+        groups.setdefault(count, []).append(name)
+    if not groups or set(groups) == {0}:
+        return []  # no counts at all, or none trained: BN003 says so layer by layer
+    # The reference: the most common trained count; a tie goes to the optimizer steps, then to the smallest count.
+    base = min((c for c in groups if c), key=lambda c: (-len(groups[c]), c != steps, c))
+    out: FileHits = []
+    if steps is not None and base != steps:
+        every = len(groups) == 1
+        who = ("the only layer" if len(counted) == 1 else f"every layer ({len(counted)})") if every else \
+            f"{_layers(groups[base])} ({_names(groups[base])})"
+        out.append(_per_step(base, steps, who))
+    since = f" (the checkpoint records {steps} optimizer steps)" if steps is not None else ""
+    for count in sorted((c for c in groups if c != base), key=lambda c: (c == 0, -c)):
+        names = groups[count]
+        who = _layers(names) if len(names) == 1 else f"{len(names)} layers ({_names(names)})"
+        ratio = count / base
+        if count == 0:
+            meaning = "never updated: frozen, or loaded from weights without counts"
+        elif count % base == 0:
+            k = count // base
+            meaning = f"{k}x, updated {_times(k)} per step: activation checkpointing or a second forward in train mode"
+        elif count > base:
+            meaning = (f"{ratio:.3g}x, updated more often than the others: a second forward in train mode in some steps "
+                       "(a validation without model.eval())")
+        else:
+            meaning = (f"{ratio:.3g}x, updated in fewer steps than the others: left in eval() or frozen for part of "
+                       "training, or added or reloaded later")
+        out.append((names[0], (), f"{who} counted {count} batches, {_layers(groups[base])} {base}{since}: {meaning}"))
     return out
 
 
@@ -779,12 +879,13 @@ def run_file_rules(
     BN011 to an error. Source rules (BN012) run when the file's provenance is given."""
     findings = []
     for rule in RULES:
-        if rule.scope == "layer" or rule.id not in selected:
+        if rule.scope in ("layer", "live") or rule.id not in selected:
             continue
         if rule.scope == "source":
             hits = rule.check(provenance) if provenance is not None else []
         else:
-            hits = rule.check(layers, thresholds)
+            hits = rule.check(layers, thresholds, provenance)
         severity = Severity.ERROR if rule.id == "BN011" and require_bn else rule.severity
-        findings.extend(Finding(rule.id, rule.name, severity, name, ch, msg) for name, ch, msg in hits)
+        for name, ch, msg, *own in hits:
+            findings.append(Finding(rule.id, rule.name, own[0] if own else severity, name, ch, msg))
     return findings
