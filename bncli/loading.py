@@ -74,8 +74,21 @@ def sniff(path: Path) -> str:
     """Name the file's format from its first bytes (never its name); raise InputError for anything bncli cannot read."""
     path = Path(path)
     size = _check_readable(path)
-    with path.open("rb") as fh:
-        head = fh.read(512)
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(512)
+    except OSError as exc:  # EIO from a failing disk or network file system: the file, not bncli
+        raise InputError(f"{show(path)}: cannot read: {exc.strerror or exc}") from None
+    if size == 0 and head:
+        # Files under /proc (and some FUSE mounts) report size 0 yet have content: judged by their bytes, and a
+        # checkpoint among them refused plainly, since every reader relies on the file's size.
+        fmt = _format_of(head)
+        if fmt is None:
+            raise InputError(f"{show(path)}: not a checkpoint bncli can read (looks like: {_describe(head)})")
+        raise InputError(
+            f"{show(path)}: reports a size of 0 bytes but holds data (a special file, such as those under /proc); "
+            "copy it to a regular file first"
+        )
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         return _sniff_zip(path)
     if head.startswith(b"\x93NUMPY"):
@@ -90,7 +103,20 @@ def sniff(path: Path) -> str:
         )
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
-    raise InputError(f"{show(path)}: not a checkpoint bncli can read (looks like: {_describe(head, size)})")
+    raise InputError(f"{show(path)}: not a checkpoint bncli can read (looks like: {_describe(head)})")
+
+
+def _format_of(head: bytes) -> str | None:
+    """The format the first bytes announce (before any structure check), or None."""
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "zip"
+    if head.startswith(b"\x93NUMPY"):
+        return "npy"
+    if head[:1] == b"\x80" and len(head) >= 2 and 2 <= head[1] <= 5:
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    return None
 
 
 def _check_readable(path: Path) -> int:
@@ -133,8 +159,9 @@ def _sniff_zip(path: Path) -> str:
     raise InputError(f"{show(path)}: not a checkpoint bncli can read (looks like: zip archive without data.pkl)")
 
 
-def _describe(head: bytes, size: int) -> str:
-    if size == 0:
+def _describe(head: bytes) -> str:
+    """A guess at what the first bytes are, from their content alone (a file under /proc reports size 0)."""
+    if not head:
         return "empty file"
     if head.startswith(b"version https://git-lfs"):
         return "Git LFS pointer; run `git lfs pull` to fetch the real file"
@@ -146,13 +173,28 @@ def _describe(head: bytes, size: int) -> str:
         return "tar archive; extract it first (torch checkpoints from before 2018 were tar files: not supported)"
     if head.startswith(b"GGUF"):
         return "GGUF (llama.cpp)"
-    if head[:1] == b"\x08" and size > 16:
+    if head[:1] == b"\x08" and len(head) > 16:
         return "protobuf, perhaps ONNX or a TensorFlow graph"
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
+    text = _as_text(head)
+    if text is None:
         return "unknown binary data"
     return "JSON text" if text.lstrip().startswith(("{", "[")) else "text"
+
+
+def _as_text(head: bytes) -> str | None:
+    """The first bytes as text, if they are: UTF-8 (a character cut at the end of the sample allowed) with no control
+    characters but tabs, newlines and form feeds; NUL bytes and other controls mean binary data."""
+    for cut in range(4):
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        return None
+    if not text or any(not c.isprintable() and c not in "\t\n\r\f\v" for c in text):
+        return None
+    return text
 
 
 # --------------------------------------------------------------------------- checkpoints
