@@ -715,8 +715,9 @@ def _per_step(count: int, steps: int, who: str) -> tuple:
         'means never updated (frozen, or loaded from weights without counts). Where the checkpoint records how many '
         "optimizer steps it took (Lightning's `global_step`, an optimizer state's `step`) the counts are compared "
         'with it too: equal is silent, the same whole ratio k > 1 in every layer is an info (gradient '
-        'accumulation over k batches, or k forwards per step). Layers without counts are left out; no counts, or '
-        'all equal (and equal to the steps where known): no finding.'
+        'accumulation over k batches, or k forwards per step). Layers without counts, and layers still at their '
+        'initial statistics with a count of 0 (BN003), are left out; no counts, or all equal (and equal to the steps '
+        'where known): no finding.'
     ),
     why=(
         'Each update moves the running statistics by `momentum`: a layer updated twice per step follows a '
@@ -737,7 +738,9 @@ def _per_step(count: int, steps: int, who: str) -> tuple:
     severity_note='info when every layer counted the same multiple k > 1 of the optimizer steps the checkpoint records',
 )
 def check_uneven_counts(layers: list[BNLayer], t: Thresholds, prov=None) -> FileHits:
-    counted = [(bn.name, bn.num_batches_tracked) for bn in layers if bn.num_batches_tracked is not None]
+    # A layer still at its initial statistics is BN003's finding, whatever its count says.
+    counted = [(bn.name, bn.num_batches_tracked) for bn in layers
+               if bn.num_batches_tracked is not None and not (bn.num_batches_tracked == 0 and _is_default_stats(bn))]
     steps = getattr(prov, "optimizer_steps", None) or None  # 0 steps says nothing to compare with
     groups: dict[int, list[str]] = {}
     for name, count in counted:

@@ -99,11 +99,22 @@ def test_accumulation_with_a_checkpointed_block_keeps_the_warning(tmp_path):
 
 def test_frozen_layer_beside_trained_ones(tmp_path):
     model = Net()
+    with torch.no_grad():  # pretrained statistics loaded without their counts, then frozen
+        model.block1[1].running_mean.fill_(0.25)
+        model.block1[1].running_var.fill_(2.0)
     train(model, steps=3, keep_eval=[model.block1[1]])
     torch.save(model.state_dict(), tmp_path / "sd.pt")
     (f,) = bn016(tmp_path / "sd.pt")
     assert f.layer == "block1.1"
     assert f.message == "1 layer counted 0 batches, 1 layer 3: never updated: frozen, or loaded from weights without counts"
+
+
+def test_a_layer_at_its_initial_statistics_is_left_to_bn003(tmp_path):
+    model = Net()
+    train(model, steps=3, keep_eval=[model.block1[1]])
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    rules = [f.rule for f in inspect_file(tmp_path / "sd.pt").findings]
+    assert "BN003" in rules and "BN016" not in rules
 
 
 def test_no_counts_no_finding(tmp_path):
