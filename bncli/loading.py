@@ -53,7 +53,7 @@ class Provenance:
     """Where a mapping came from: the file, how it was stored, and what wrapping was removed."""
 
     path: str  # printable: bytes that are not UTF-8 appear as \xNN
-    format: str  # torch-zip | torch-legacy | safetensors | npy | npz
+    format: str  # torch-zip | torch-legacy | safetensors | npy | npz | memory (Checkpoint.from_tensors)
     container: str | None = None  # key path of the nested state dict, e.g. "state_dict"
     prefix: str | None = None  # prefix stripped from every key, e.g. "module."
     alternatives: tuple[str, ...] = ()  # other state dicts in the file (e.g. "state_dict_ema"), for --state
@@ -209,6 +209,12 @@ class Checkpoint(Mapping[str, Any]):
         self._reader = reader
         # layer name -> formats.modules.LayerMeta, for whole pickled models (class, eps, momentum...)
         self.layer_meta = layer_meta or {}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Any], path: str = "<memory>", layer_meta: dict | None = None) -> Checkpoint:
+        """An in-memory checkpoint of torch tensors or numbers (a live model's `state_dict()`), format "memory":
+        nothing is written or copied until a value is read (then on the CPU)."""
+        return cls(Provenance(path, "memory"), dict(tensors), _TorchReader(), layer_meta)
 
     def __getitem__(self, name: str) -> Any:
         return self._entries[name]
@@ -503,7 +509,7 @@ class _TorchReader:
         if hasattr(value, "detach"):
             import torch
 
-            value = value.detach()
+            value = value.detach().cpu()
             if value.dtype == torch.bfloat16:
                 value = value.float()  # numpy has no bfloat16
             value = value.numpy()

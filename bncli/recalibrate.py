@@ -157,8 +157,10 @@ def population_moments(
     for m in synced:
         m.forward = _local_batch_norm(m)
     model.eval()
+    momenta = {m: m.momentum for _, m in layers}
     for _, m in layers:
         m.train()
+        m.momentum = None  # a cumulative average, as update_bn: marks the passes as a recalibration (bncli.watch)
     count = 0
     try:
         with torch.no_grad():
@@ -174,6 +176,8 @@ def population_moments(
             del m.forward
         for m, training in was_training.items():
             m.training = training
+        for m, momentum in momenta.items():
+            m.momentum = momentum
     empty = {name: Moments(0, torch.zeros(m.num_features, dtype=torch.float64, device=device),
                            torch.zeros(m.num_features, dtype=torch.float64, device=device)) for name, m in layers}
     return {name: moments[name] or empty[name] for name, _ in layers}, count

@@ -57,7 +57,7 @@ class Rule:
     # (Provenance,) -> FileHits for source rules (what the file itself is, whatever its layers)
     check: Callable[..., Hits]
     thresholds: tuple[str, ...] = ()  # the Thresholds fields it uses, for the docs and --help
-    scope: str = "layer"  # "layer", "file" or "source"
+    scope: str = "layer"  # "layer", "file", "source", or "live" (bncli.watch raises it while training; never inspect)
     detects: str = ""  # what it detects, why it matters, how to fix it: markdown paragraphs (`code` allowed)
     why: str = ""
     fix: str = ""
@@ -826,6 +826,114 @@ def check_pickled_code(prov) -> FileHits:
         what += f" and call {', '.join(calls)}, which runs code by itself"
     return [(None, (), f"only torch.load(weights_only=False) can load this file, which {what}; bncli read it as data "
                        "and imported nothing")]
+
+
+# ---- live rules: raised by bncli.watch and bncli.lightning while a model trains, never by inspect ----------------
+# Their check builds the event's message from what the watch counted (bncli/watch.py calls it).
+
+
+@rule(
+    'BN017',
+    'repeated-update',
+    Severity.WARNING,
+    'a layer updated its statistics more often than the model ran between two optimizer steps',
+    scope='live',
+    detects=(
+        'While training (`bncli.watch(model, optimizer)`, the Lightning callback): a BatchNorm layer whose running '
+        'statistics were updated more times between two optimizer steps than the watched model was called in train '
+        'mode. Reported at the forward that updates it once too often, once per layer. Needs the optimizer (its '
+        'step hook marks the steps); gradient accumulation (k forwards per step, each layer updated k times) is no '
+        'finding.'
+    ),
+    why=(
+        '`torch.utils.checkpoint` recomputes a block in train mode during backward, so its BatchNorm layers are '
+        'updated twice per step: a checkpointed BatchNorm2d counts 20 batches over 10 optimizer steps, its '
+        'neighbour 10, and its statistics follow another average than everybody thinks. A module called twice in '
+        'one forward does the same.'
+    ),
+    example=(
+        'warning BN017 repeated-update block1.1: updated 2 times in step 0, over 1 forward of the model in train '
+        'mode: activation checkpointing (torch.utils.checkpoint recomputes the block in train mode during '
+        'backward) or a module called twice in one forward',
+    ),
+    fix=(
+        'Keep BatchNorm outside checkpointed blocks (checkpoint the convolutions only), or restore its buffers '
+        'around the recomputation; call a shared module once per forward, or give each use its own BatchNorm. '
+        'In a saved checkpoint the same defect shows as BN016.'
+    ),
+)
+def repeated_update_message(updates: int, forwards: int, step: int) -> str:
+    return (f"updated {updates} times in step {step}, over {forwards} forward{'s' if forwards != 1 else ''} of the "
+            "model in train mode: activation checkpointing (torch.utils.checkpoint recomputes the block in train mode "
+            "during backward) or a module called twice in one forward")
+
+
+@rule(
+    'BN018',
+    'update-without-grad',
+    Severity.WARNING,
+    'running statistics changed by a train-mode forward with gradients disabled (validation without model.eval()?)',
+    scope='live',
+    detects=(
+        'While training: a forward of the watched model under `torch.no_grad()` or `torch.inference_mode()` that '
+        'updated running statistics, because the layers were in train mode. One event per set of layers. A pass '
+        'with `momentum=None` (a cumulative average: what `torch.optim.swa_utils.update_bn` and `bncli '
+        'recalibrate` use) is a recalibration and no finding.'
+    ),
+    why=(
+        'A validation loop without `model.eval()` runs under `no_grad` in train mode: it normalizes each '
+        'validation batch with its own statistics (the metrics are not those of the deployed model) and pulls '
+        '`running_mean`, `running_var` and `num_batches_tracked` towards the validation data.'
+    ),
+    example=(
+        'warning BN018 update-without-grad block0.1: 2 layers (block0.1, block1.1) updated their running statistics '
+        'in a train-mode forward with gradients disabled (no_grad or inference_mode) at step 3: validation without '
+        'model.eval()?',
+    ),
+    fix=(
+        'Call `model.eval()` before validation and `model.train()` after (Lightning does both for you unless a '
+        'callback or hook switches modes); to re-estimate the statistics on purpose, use `bncli.recalibrate` or '
+        '`update_bn`.'
+    ),
+)
+def update_without_grad_message(layers: list[str], step: int) -> str:
+    who = f"1 layer ({layers[0]})" if len(layers) == 1 else f"{len(layers)} layers ({_names(layers)})"
+    return (f"{who} updated {'its' if len(layers) == 1 else 'their'} running statistics in a train-mode forward with "
+            "gradients disabled (no_grad or "
+            f"inference_mode) at step {step}: validation without model.eval()?")
+
+
+@rule(
+    'BN019',
+    'not-updating',
+    Severity.INFO,
+    'layers that never updated while the others did',
+    scope='live',
+    detects=(
+        'When a watch ends (`.close()`, the end of `with`, the end of `fit`): BatchNorm layers that never updated '
+        'their running statistics while other layers did, and in how many steps the others did. Layers that cannot '
+        'update (frozen classes without `num_batches_tracked`, `track_running_stats=False`) are left out.'
+    ),
+    why=(
+        'A sub-module left in `eval()` (a backbone frozen on purpose, or by a `.eval()` that was never undone) '
+        'keeps the statistics it was loaded with while the layers around it learn new ones; a layer no forward '
+        'reaches is dead weight. Either may be what you meant, so this is an info.'
+    ),
+    example=(
+        'info    BN019 not-updating block1.1: 1 layer (block1.1) never updated its running statistics in 10 steps '
+        'while 1 other did: a sub-module left in eval() (frozen?), or one no forward reaches',
+    ),
+    fix=(
+        'If the freeze is deliberate, nothing; otherwise find the `.eval()` (or `requires_grad_(False)` helper '
+        'that also calls eval) and call `model.train()` after it, at the start of each epoch.'
+    ),
+)
+def not_updating_message(layers: list[str], steps: int, others: int) -> str:
+    who = f"1 layer ({layers[0]})" if len(layers) == 1 else f"{len(layers)} layers ({_names(layers)})"
+    return (f"{who} never updated {'its' if len(layers) == 1 else 'their'} running statistics in {steps} "
+            f"step{'s' if steps != 1 else ''} while {others} other{'s' if others != 1 else ''} did: a sub-module left "
+            "in eval() (frozen?), or one no forward reaches")
+
 
 
 RULES: tuple[Rule, ...] = tuple(_CATALOGUE)  # in definition order: shape first, file rules last
