@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 # Each driver runs in a fresh interpreter, so startup (imports) is part of every figure, as for a CLI user.
-NO_HEAVY = "import sys; print(json.dumps({m: m in sys.modules for m in ('torch', 'numpy', 'safetensors')}))"
 
 
 def run(argv: list[str], env: dict | None = None) -> tuple[float, int, str]:
@@ -121,6 +120,10 @@ def make_inputs(work: Path, quick: bool) -> dict[str, Path]:
         for i in range(count):
             torch.save(resnet_state(200_000, layers=20), many / f"ckpt{i:03d}.pt")
     paths["many"] = many
+    tiny = work / "tiny.safetensors"  # one ResNet-like layer: only startup and the CLI layer are left to measure
+    if not tiny.exists():
+        save_file(dict(resnet_state(1 << 16, layers=1)), tiny)
+    paths["tiny.safetensors"] = tiny
     shape = (16, 32, 28, 28) if quick else (256, 256, 56, 56)
     tensor = work / ("tensor_quick.npy" if quick else "tensor.npy")
     if not tensor.exists():
@@ -134,7 +137,7 @@ def make_inputs(work: Path, quick: bool) -> dict[str, Path]:
 BNCLI = [PY, "-m", "bncli"]
 
 
-def imports_after(argv: list[str]) -> dict:
+def imports_after(argv: list[str], modules: tuple[str, ...] = ("torch", "numpy", "safetensors")) -> dict:
     """Which heavy modules a bncli invocation imported, run in-process in a child."""
     code = (
         "import json, sys\n"
@@ -143,7 +146,7 @@ def imports_after(argv: list[str]) -> dict:
         "import contextlib, io\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    try:\n        main()\n    except SystemExit:\n        pass\n"
-        f"{NO_HEAVY}\n"
+        f"print(json.dumps({{m: m in sys.modules for m in {modules!r}}}))\n"
     )
     return json.loads(run([PY, "-c", code])[2])
 
@@ -300,9 +303,6 @@ def run_all(work: Path, quick: bool, repeat: int) -> list[dict]:
             "help": [*BNCLI, "--help"],
             "version": [*BNCLI, "--version"],
             "inspect_help": [*BNCLI, "inspect", "--help"],
-            # what typer's plain (click-style) help formatter would cost instead of its Rich one
-            "help_plain": ([*BNCLI, "--help"], {"TYPER_USE_RICH": "0"}),
-            "inspect_help_plain": ([*BNCLI, "inspect", "--help"], {"TYPER_USE_RICH": "0"}),
             "typer_rich": [PY, "-c", "import typer, typer.rich_utils"],
             "typer_pydantic": [PY, "-c", "import typer, pydantic"],
         },
@@ -313,10 +313,24 @@ def run_all(work: Path, quick: bool, repeat: int) -> list[dict]:
     for key, arg in (("help", "--help"), ("version", "--version"), ("inspect_help", "inspect --help")):
         loaded = [m for m, v in heavy[arg].items() if v]
         row(1, f"bncli {arg}", r[key], r["typer"], "<= 2x", "imports " + (", ".join(loaded) or "no torch/numpy/safetensors"))
-    row(1, "  bncli --help, TYPER_USE_RICH=0", r["help_plain"], r["typer"], note="plain help formatter, for comparison")
-    row(1, "  bncli inspect --help, TYPER_USE_RICH=0", r["inspect_help_plain"], r["typer"], note="plain help formatter")
-    row(1, '  python -c "import typer, typer.rich_utils"', r["typer_rich"], r["typer"], note="typer's Rich help, imported")
-    row(1, '  python -c "import typer, pydantic"', r["typer_pydantic"], r["typer"], note="typer 0.29 coerces via pydantic")
+    row(1, '  python -c "import typer, typer.rich_utils"', r["typer_rich"], r["typer"], note="typer's Rich help, not imported")
+    row(1, '  python -c "import typer, pydantic"', r["typer_pydantic"], r["typer"], note="typer 0.29's coercion, not imported")
+
+    # 6. startup against `import typer, numpy` (issue 14): typer 0.29's pydantic coercion replaced (bncli/clistyle.py)
+    tiny = paths["tiny.safetensors"]
+    r = bench(
+        {
+            "tn": [PY, "-c", "import typer, numpy"],
+            "help": [*BNCLI, "--help"],
+            "inspect": [*BNCLI, "inspect", str(tiny), "--format", "json"],
+        },
+        repeat * 2,
+    )
+    pyd = imports_after(["inspect", str(tiny), "--format", "json"], ("pydantic", "torch"))
+    loaded = ", ".join(m for m, v in pyd.items() if v) or "no pydantic, no torch"
+    row(6, 'python -c "import typer, numpy"', r["tn"])
+    row(6, "bncli --help / import typer, numpy", r["help"], r["tn"], "<= 1.5x")
+    row(6, "bncli inspect tiny.safetensors --format json", r["inspect"], r["tn"], "<= 2x", "imports " + loaded)
 
     # 2. safetensors
     big, small = paths["big.safetensors"], paths["small.safetensors"]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-import sys
 from typing import Annotated
 
 import typer
 
 from bncli import __version__
+from bncli.clistyle import BncliCommand, BncliGroup, Debug
 from bncli.console import StreamError, error_line, standard_streams, write_stderr
 from bncli.errors import BncliError, ExitCode, Terminated, internal_message
 
@@ -16,16 +16,14 @@ app = typer.Typer(
     name="bncli",
     help="Audit and apply BatchNorm layers from PyTorch checkpoints, without the model's code.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
-    # Rich's boxed help for people at a terminal; Click's plain help when piped, which skips importing Rich's
-    # Markdown and Pygments (about 2x the cost of `import typer`): scripts and CI logs get the same text, faster.
-    rich_markup_mode="rich" if sys.stdout is not None and sys.stdout.isatty() else None,
+    # Click's help layout everywhere (bncli/clistyle.py): one style at a terminal and in a CI log, and it skips
+    # importing Rich's Markdown and Pygments (about 2x the cost of `import typer`).
+    rich_markup_mode=None,
+    cls=BncliGroup,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-_debug = False
-
 
 def _fail(message: str, code: int) -> typer.Exit:
     """One `error:` line and the exit code; when stderr itself cannot be written, no line and exit 3 (or the
@@ -47,7 +45,7 @@ def _traceback() -> None:
 
 
 def _internal(exc: BaseException) -> typer.Exit:
-    if _debug:
+    if Debug.on:
         _traceback()
     return _fail(internal_message(exc), ExitCode.INTERNAL)
 
@@ -66,7 +64,7 @@ def guarded(command):
                 raise typer.Exit(int(ExitCode.INPUT)) from None
             raise _fail(exc.message, exc.exit_code) from None
         except BncliError as exc:
-            if _debug:
+            if Debug.on:
                 _traceback()
             if exc.quiet:
                 raise typer.Exit(int(exc.exit_code)) from None
@@ -90,17 +88,18 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_options(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool, typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
-    debug: Annotated[bool, typer.Option("--debug", envvar="BNCLI_DEBUG", help="Show the traceback of an error.")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", envvar="BNCLI_DEBUG", help="Show the traceback of an error (anywhere on the line).")
+    ] = False,
 ) -> None:
     """Audit and apply BatchNorm layers from PyTorch checkpoints, without the model's code.
 
     Exit codes: 0 ok, 1 findings at or above --fail-on, 2 usage error, 3 input error
     (missing, corrupt, unsafe or unsupported file; bad shape or dtype), 4 internal error, 130 interrupted.
     """
-    global _debug
-    _debug = debug
+    Debug.on = Debug.on or debug  # --debug after the command was taken off the line by BncliGroup
 
 
 def _register() -> None:
@@ -108,7 +107,7 @@ def _register() -> None:
     from bncli.commands import diff, inspect, normalize, recalibrate, rules
 
     for module in (inspect, normalize, diff, recalibrate, rules):
-        app.command(**module.COMMAND)(guarded(module.run))
+        app.command(cls=BncliCommand, **module.COMMAND)(guarded(module.run))
 
 
 _register()

@@ -1,4 +1,4 @@
-"""Settings from [tool.bncli] in the nearest pyproject.toml, merged under the command-line options (options win)."""
+"""Settings from [tool.bncli] (and [tool.bncli.diff]) in the nearest pyproject.toml or --config, under the command-line options."""
 
 from __future__ import annotations
 
@@ -72,33 +72,101 @@ def _toml():
     return tomli
 
 
-def load_config(start: Path | None = None) -> Config:
-    path = find_pyproject(start)
-    if path is None:
+def load_config(start: Path | None = None, path: Path | None = None, isolated: bool = False) -> Config:
+    """[tool.bncli] of the nearest pyproject.toml; `path` (--config) names the file instead: a pyproject.toml
+    (its [tool.bncli]) or a TOML file holding the settings at its top level; `isolated` (--isolated): none."""
+    if isolated:
         return Config()
+    explicit = path is not None
+    if explicit:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+    else:
+        path = find_pyproject(start)
+        if path is None:
+            return Config()
     toml = _toml()
     if toml is None:
+        if explicit:
+            raise ConfigError(f"--config {path}: reading TOML on Python 3.10 needs `pip install tomli`")
         return Config(path, {}, (f"{path}: [tool.bncli] ignored: reading TOML on Python 3.10 needs `pip install tomli`",))
     try:
         with path.open("rb") as fh:
             data = toml.load(fh)
     except (OSError, ValueError) as exc:  # TOMLDecodeError is a ValueError
         raise ConfigError(f"{path}: cannot read it: {exc}") from None
-    table = data.get("tool", {}).get("bncli", {})
+    bare = explicit and path.name != "pyproject.toml" and "tool" not in data  # a bncli.toml: the settings themselves
+    table = data if bare else data.get("tool", {}).get("bncli", {})
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [tool.bncli] must be a table")
+    where = "" if bare else "[tool.bncli] "
     values = {}
     for key, value in table.items():
         name = key.replace("_", "-")
+        if name == "diff" and isinstance(value, dict):
+            values["diff"] = _diff_table(path, value)
+            continue
         if name not in KEYS:
-            raise ConfigError(f"{path}: unknown key {key!r} in [tool.bncli]; known keys: {', '.join(KEYS)}")
+            table_name = "[tool.bncli]" if not bare else "the file"
+            raise ConfigError(f"{path}: unknown key {key!r} in {table_name}; known keys: {', '.join([*KEYS, 'diff'])}")
         types, what = KEYS[name]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise ConfigError(f"{path}: [tool.bncli] {key} must be {what}; got {value!r}")
+            raise ConfigError(f"{path}: {where}{key} must be {what}; got {value!r}")
         if isinstance(value, list) and not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{path}: [tool.bncli] {key} must be {what}; got {value!r}")
+            raise ConfigError(f"{path}: {where}{key} must be {what}; got {value!r}")
         values[name] = value
     return Config(path, values)
+
+
+# [tool.bncli.diff]: the settings of `bncli diff` (the top-level eps, the layers' eps, applies to it too).
+DIFF_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "format": ((str,), "one of table, json, markdown, github, sarif"),
+    "eps": ((int, float), "a number >= 0"),
+    "atol": ((int, float), "a number >= 0"),
+    "rtol": ((int, float), "a number >= 0"),
+    "fail-on-change": ((bool,), "true or false"),
+    "fail-if-unchanged": ((bool,), "true or false"),
+}
+
+
+def _diff_table(path: Path, table: dict) -> dict[str, Any]:
+    values = {}
+    for key, value in table.items():
+        name = key.replace("_", "-")
+        if name not in DIFF_KEYS:
+            raise ConfigError(f"{path}: unknown key {key!r} in [tool.bncli.diff]; known keys: {', '.join(DIFF_KEYS)}")
+        types, what = DIFF_KEYS[name]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ConfigError(f"{path}: [tool.bncli.diff] {key} must be {what}; got {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not (0 <= value < float("inf")):
+            raise ConfigError(f"{path}: [tool.bncli.diff] {key} must be {what}; got {value!r}")
+        if name == "format":
+            from bncli.render import RENDERERS, Format
+
+            if value not in {f.value for f in Format if ("diff", f) in RENDERERS}:
+                raise ConfigError(f"{path}: [tool.bncli.diff] {key} must be {what}; got {value!r}")
+        values[name] = value
+    return values
+
+
+def resolve_diff(options: dict[str, Any], config: Config) -> dict[str, Any]:
+    """diff's settings: a given option wins over [tool.bncli.diff], then the top-level eps, then the default."""
+    table = config.values.get("diff", {})
+    defaults = {"format": "table", "eps": 1e-5, "atol": 0.0, "rtol": 0.0, "fail-on-change": False, "fail-if-unchanged": False}
+    out = {}
+    for name, default in defaults.items():
+        option = options.get(name)
+        if option is not None and option is not False:
+            out[name] = option
+        elif name in table:
+            out[name] = table[name]
+        elif name == "eps" and "eps" in config.values:
+            out[name] = config.values["eps"]
+        else:
+            out[name] = default
+    out["format"] = getattr(out["format"], "value", out["format"])
+    return out
 
 
 def _listify(value: Any) -> list[str] | None:

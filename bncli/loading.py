@@ -569,14 +569,30 @@ def load_tensor(path: str | os.PathLike, key: str | None = None):
     if fmt == "npy":
         import numpy as np
 
+        # Read, not mapped: a mapped file that shrinks while it is copied kills the process with SIGBUS.
         try:
-            array = np.load(path, allow_pickle=False, mmap_mode="r")
+            with path.open("rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(fh, max_header_size=100_000)
+                count = 1
+                for d in shape:
+                    count *= d
+                nbytes = count * dtype.itemsize
+                cap = max_load_bytes()
+                if nbytes > cap:  # checked from the header, before anything is allocated
+                    raise InputError(f"{p}: declares {human(nbytes)} of data, above the {human(cap)} limit (BNCLI_MAX_LOAD_BYTES)")
+                if dtype.hasobject:
+                    raise InputError(f"{p}: numpy dtype {dtype} cannot become a tensor")
+                data = fh.read(nbytes)
+        except BncliError:
+            raise
         except (ValueError, OSError, EOFError) as exc:
             raise InputError(f"{p}: unreadable .npy file ({first_line(exc)})") from None
-        cap = max_load_bytes()
-        if array.nbytes > cap:  # the mapping costs nothing yet; the copy below would
-            raise InputError(f"{p}: declares {human(array.nbytes)} of data, above the {human(cap)} limit (BNCLI_MAX_LOAD_BYTES)")
-        return _numpy_to_torch(path, np.array(array)), None
+        if len(data) != nbytes:
+            raise InputError(f"{p}: truncated .npy file: it declares {human(nbytes)} of data and holds {human(len(data))}")
+        array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+        return _numpy_to_torch(path, np.ascontiguousarray(array).copy()), None
     if fmt == "npz":
         return _load_npz(path, key)
     if fmt == "safetensors":

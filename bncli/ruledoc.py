@@ -130,13 +130,17 @@ def _plain(text: str) -> str:
     return text.replace("`", "")
 
 
-def listing() -> str:
-    """One line per rule: id, name, severity, summary."""
+def listing(width: int | None = None) -> str:
+    """One line per rule: id, name, severity, summary; the summary wraps (at words, indented) to `width`."""
     rules = by_id()
     name_w = max(len(r.name) for r in rules)
+    indent = 6 + 1 + name_w + 2 + 8 + 2
+    room = max(30, (width or 10_000) - indent)
     lines = [f"{'id':<6} {'name':<{name_w}}  {'severity':<8}  summary"]
     for r in rules:
-        lines.append(f"{r.id:<6} {r.name:<{name_w}}  {r.severity.value:<8}  {r.summary}")
+        summary = textwrap.wrap(r.summary, room, break_long_words=False, break_on_hyphens=False) or [""]
+        lines.append(f"{r.id:<6} {r.name:<{name_w}}  {r.severity.value:<8}  {summary[0]}")
+        lines.extend(" " * indent + more for more in summary[1:])
     lines.append(f"{len(rules)} rules; `bncli rules ID` (or NAME) says what one detects, why it matters and how to fix it.")
     return "\n".join(lines)
 

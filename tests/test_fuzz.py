@@ -122,3 +122,105 @@ def test_seed_files_are_valid(fmt):
         path.write_bytes(SEEDS[fmt])
         ckpt = load_checkpoint(path)
         assert [k.name for k in find_layers(ckpt)] == (["bn"] if fmt == "safetensors" else ["bn", "head.bn"])
+
+
+# --------------------------------------------------------------------------- hostile pickles (issue 9's shapes)
+
+
+def _s(text: str) -> bytes:
+    raw = text.encode()
+    return b"X" + len(raw).to_bytes(4, "little") + raw
+
+
+_GLOBALS = ["posix system", "builtins getattr", "torch FloatStorage", "collections OrderedDict", "__builtin__ bytearray",
+            "torch._utils _rebuild_tensor_v2", "builtins set", "copyreg _reconstructor", "torch.nn.modules.batchnorm BatchNorm2d"]
+
+
+@st.composite
+def piece(draw, depth: int = 0) -> bytes:
+    """Pickle bytes that push one value (or try to): atoms, memo DAGs, calls on globals, BUILD, allocations, cycles,
+    nested keys, stride-0 views of a real storage, containers of pieces."""
+    kinds = ["atom", "dag", "call", "build", "alloc", "cycle", "nested-key", "view", "newobj", "get"]
+    if depth < 3:
+        kinds.append("list")
+    kind = draw(st.sampled_from(kinds))
+    memo = draw(st.integers(0, 255))
+    if kind == "atom":
+        return draw(st.sampled_from([b"K\x05", b"N", b"\x88", _s("bn.running_var"), b"G\x7f\xf8\x00\x00\x00\x00\x00\x00"]))
+    if kind == "dag":
+        out = b")q" + bytes([memo])
+        for _ in range(draw(st.integers(1, 80))):
+            out += b"h" + bytes([memo]) + b"h" + bytes([memo]) + b"\x86q" + bytes([memo])
+        return out
+    if kind == "get":
+        return b"h" + bytes([memo])  # may refer to nothing
+    if kind in ("call", "newobj", "build"):
+        module, name = draw(st.sampled_from(_GLOBALS)).split()
+        head = b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+        args = b"(" + b"".join(draw(st.lists(piece(depth + 1), max_size=3))) + b"t"
+        if kind == "call":
+            return head + args + b"R"
+        if kind == "newobj":
+            return head + args + b"\x81"
+        return head + b"}" + _s("dtype") + _s("bfloat16") + b"sb"
+    if kind == "alloc":
+        n = draw(st.sampled_from([0, 1, 1 << 20, (1 << 31) - 1]))
+        return b"c__builtin__\nbytearray\nJ" + n.to_bytes(4, "little") + b"\x85R"
+    if kind == "cycle":
+        return b"]q" + bytes([memo]) + b"h" + bytes([memo]) + b"a"
+    if kind == "nested-key":
+        return b"}((K\x01\x85\x85K\x02s"
+    if kind == "view":
+        numel = draw(st.sampled_from([1, 3, 10**9]))
+        stride = draw(st.sampled_from([0, 1]))
+        pid = b"(" + _s("storage") + b"ctorch\nFloatStorage\n" + _s("0") + _s("cpu") + b"K\x03tQ"
+        return (b"ctorch._utils\n_rebuild_tensor_v2\n(" + pid + b"K\x00J" + numel.to_bytes(4, "little") + b"\x85K"
+                + bytes([stride]) + b"\x85\x89ccollections\nOrderedDict\n)RtR")
+    items = b"".join(draw(st.lists(piece(depth + 1), max_size=4)))
+    return b"(" + items + b"l"
+
+
+@st.composite
+def hostile_pickle(draw) -> bytes:
+    body = b"".join(draw(st.lists(piece(), min_size=1, max_size=6)))
+    return b"\x80\x02(" + body + b"l."
+
+
+def _in_zip(pkl: bytes) -> bytes:
+    seed = SEEDS["zip"]
+    _, r = record(seed, "data.pkl")
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(seed)) as zin, zipfile.ZipFile(out, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, pkl if info.filename.endswith("data.pkl") else zin.read(info))
+    return out.getvalue()
+
+
+def _in_legacy(pkl: bytes) -> bytes:
+    import pickle
+
+    head = b"".join(pickle.dumps(x, protocol=2) for x in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001}))
+    return head + pkl + pickle.dumps([], protocol=2)
+
+
+@pytest.mark.parametrize("form", ["zip", "legacy"])
+def test_hostile_pickles_stay_within_budget(form):
+    """Every generated pickle (memo DAGs, BUILD on globals, allocations, cycles, stride-0 views, calls): only
+    bncli's own errors, and within 10 s and 600 MB each."""
+    import resource
+    import time
+
+    wrap = _in_zip if form == "zip" else _in_legacy
+
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 40, suppress_health_check=list(HealthCheck))
+    @given(hostile_pickle())
+    def run(pkl):
+        start = time.monotonic()
+        _exercise(wrap(pkl))
+        assert time.monotonic() - start < 10
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 600_000 + BASELINE_KB
+
+    BASELINE_KB = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run()

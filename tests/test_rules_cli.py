@@ -78,3 +78,15 @@ def test_the_registry_refuses_a_taken_id_and_a_rule_without_its_text():
 def test_explain_and_listing_cover_the_catalogue():
     assert all(ruledoc.explain(r).startswith(f"{r.id} {r.name}\n") for r in RULES)
     assert all(r.id in ruledoc.listing() for r in RULES)
+
+
+def test_listing_wraps_the_summary_at_80_columns_and_not_when_wide():
+    from bncli.ruledoc import listing
+
+    narrow = listing(80)
+    assert max(len(line) for line in narrow.splitlines()[:-1]) <= 80
+    rows = [line.split()[:3] for line in narrow.splitlines() if line.startswith("BN")]
+    assert rows == [[r.id, r.name, r.severity.value] for r in sorted(RULES, key=lambda r: r.id)]
+    assert all(len(line.split("  ")) for line in narrow.splitlines())
+    wide = listing(None)
+    assert len([line for line in wide.splitlines() if line.startswith("BN")]) == len(wide.splitlines()) - 2

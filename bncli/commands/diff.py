@@ -7,7 +7,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from bncli.commands.options import check_eps
+from bncli.commands.options import (
+    check_eps,
+    config_option,
+    format_option,
+    isolated_option,
+    output_file_option,
+    quiet_option,
+    summary_option,
+)
 from bncli.errors import ExitCode, UsageError
 from bncli.render import Format
 
@@ -28,7 +36,7 @@ def run(
     a: Annotated[Path, typer.Argument(help="The reference checkpoint (A).", show_default=False)],
     b: Annotated[Path, typer.Argument(help="The checkpoint compared with it (B).", show_default=False)],
     layer: Annotated[Optional[str], typer.Option("--layer", "-l", help="Compare one layer, channel by channel.")] = None,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.TABLE,
+    fmt: Annotated[Optional[Format], format_option("diff", default="table")] = None,
     fail_on_change: Annotated[
         bool, typer.Option("--fail-on-change", help="Exit 1 if any BatchNorm layer differs (frozen BatchNorm must stay frozen).")
     ] = False,
@@ -37,9 +45,9 @@ def run(
         typer.Option("--fail-if-unchanged", help="Exit 1 if any BatchNorm layer is identical (fine-tuning must update all)."),
     ] = False,
     eps: Annotated[
-        float,
-        typer.Option("--eps", callback=check_eps, help="Added to var_A in the mean shift, and to var_A and var_B in the KL."),
-    ] = 1e-5,
+        Optional[float],
+        typer.Option("--eps", callback=check_eps, metavar="FLOAT", show_default="1e-5", help="Added to var_A in the mean shift, and to var_A and var_B in the KL."),
+    ] = None,
     only: Annotated[
         Optional[list[str]],
         typer.Option("--only", metavar="GLOB", help="Compare only the layers whose names match (repeatable), e.g. 'head.*'."),
@@ -49,9 +57,12 @@ def run(
         typer.Option("--exclude", metavar="GLOB", help="Leave out the layers whose names match (repeatable)."),
     ] = None,
     atol: Annotated[
-        float, typer.Option("--atol", metavar="FLOAT", help="A value within atol + rtol * |A| of A's counts as unchanged.")
-    ] = 0.0,
-    rtol: Annotated[float, typer.Option("--rtol", metavar="FLOAT", help="The relative part of --atol's tolerance.")] = 0.0,
+        Optional[float],
+        typer.Option("--atol", metavar="FLOAT", show_default="0", help="A value within atol + rtol * |A| of A's counts as unchanged."),
+    ] = None,
+    rtol: Annotated[
+        Optional[float], typer.Option("--rtol", metavar="FLOAT", show_default="0", help="The relative part of --atol's tolerance.")
+    ] = None,
     state: Annotated[
         Optional[str], typer.Option("--state", help="Key of the state dict inside both checkpoints, e.g. 'ema'.")
     ] = None,
@@ -70,6 +81,11 @@ def run(
     wide: Annotated[
         bool, typer.Option("--wide", help="Tables with every column, however narrow the terminal (lines may be longer).")
     ] = False,
+    output_file: Annotated[Optional[Path], output_file_option()] = None,
+    summary: Annotated[Optional[Path], summary_option()] = None,
+    config: Annotated[Optional[Path], config_option()] = None,
+    isolated: Annotated[bool, isolated_option()] = False,
+    quiet: Annotated[bool, quiet_option()] = False,
 ) -> None:
     """Compare the BatchNorm layers of two checkpoints, matched by name after stripping 'module.'/'_orig_mod.'.
 
@@ -81,10 +97,20 @@ def run(
     --only/--exclude pick layers by name (globs); --atol/--rtol let float noise count as identical;
     --state-a/--state-b compare two state dicts of one file (the model and its EMA).
     """
-    from bncli.console import emit, note
+    from bncli.config import load_config, resolve_diff
+    from bncli.console import note
+    from bncli.delivery import append_summary, deliver
     from bncli.diff import FAIL_IF_UNCHANGED, FAIL_ON_CHANGE, diff_files
     from bncli.render import renderer_for
+    from bncli.render.diff import summary_line
 
+    loaded = load_config(path=config, isolated=isolated)
+    settings = resolve_diff(
+        {"format": fmt, "eps": eps, "atol": atol, "rtol": rtol, "fail-on-change": fail_on_change,
+         "fail-if-unchanged": fail_if_unchanged}, loaded,
+    )  # fmt: skip
+    fmt, eps, atol, rtol = Format(settings["format"]), settings["eps"], settings["atol"], settings["rtol"]
+    fail_on_change, fail_if_unchanged = settings["fail-on-change"], settings["fail-if-unchanged"]
     if fail_on_change and fail_if_unchanged:
         raise UsageError("--fail-on-change and --fail-if-unchanged cannot be used together")
     gate = FAIL_ON_CHANGE if fail_on_change else FAIL_IF_UNCHANGED if fail_if_unchanged else None
@@ -97,7 +123,9 @@ def run(
         a, b, layer=layer, eps=eps, state=state, state_a=state_a, state_b=state_b, strip_prefix_a=strip_prefix_a,
         strip_prefix_b=strip_prefix_b, only=only or (), exclude=exclude or (), atol=atol, rtol=rtol, gate=gate,
     )  # fmt: skip
-    emit(render(report), wide=wide)
+    deliver(summary_line(report) if quiet and fmt is Format.TABLE else render(report), output_file, wide=wide)
+    if summary is not None:
+        append_summary(summary, renderer_for(Format.MARKDOWN, "diff")(report))
     code = exit_code(report)
     if code:
         from bncli.render.diff import gate_message

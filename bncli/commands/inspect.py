@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import enum
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from bncli.commands.options import config_option, format_option, isolated_option, output_file_option, quiet_option, summary_option
 from bncli.errors import ExitCode
 from bncli.render import Format
 from bncli.report import InspectReport, Severity
@@ -38,8 +40,9 @@ def exit_code(report: InspectReport, fail_on: FailOn | str) -> ExitCode:
     return ExitCode.FINDINGS if worst.rank >= Severity(fail_on.value).rank else ExitCode.OK
 
 
-def _threshold(name: str, help: str):
-    return typer.Option(name, help=help, metavar="FLOAT", show_default=False, rich_help_panel="Thresholds")
+def _threshold(name: str, help: str, default: str):
+    # The default is shown, not set: None lets [tool.bncli] fill in what the command line leaves out.
+    return typer.Option(name, help=help, metavar="FLOAT", show_default=default, rich_help_panel="Thresholds")
 
 
 def run(
@@ -54,11 +57,11 @@ def run(
     ],
     layer: Annotated[Optional[str], typer.Option("--layer", "-l", help="Show one layer, channel by channel.")] = None,
     fmt: Annotated[
-        Optional[Format], typer.Option("--format", "-f", help="Output format. (default: table)", show_default=False)
+        Optional[Format], format_option("inspect", default="table")
     ] = None,
     fail_on: Annotated[
         Optional[FailOn],
-        typer.Option("--fail-on", help="Exit 1 on a finding of at least this severity. (default: error)", show_default=False),
+        typer.Option("--fail-on", help="Exit 1 on a finding of at least this severity.", show_default="error"),
     ] = None,
     select: Annotated[
         Optional[list[str]],
@@ -70,24 +73,24 @@ def run(
     ] = None,
     require_bn: Annotated[
         Optional[bool],
-        typer.Option("--require-bn/--no-require-bn", help="A file without any BatchNorm layer is an error (BN011)."),
+        typer.Option("--require-bn/--no-require-bn", help="A file without any BatchNorm layer is an error (BN011).", show_default="no-require-bn"),
     ] = None,
-    eps: Annotated[Optional[float], _threshold("--eps", "The layers' eps in 1/sqrt(var + eps). (default: 1e-5)")] = None,
-    min_var: Annotated[Optional[float], _threshold("--min-var", "BN004: collapsed below this. (default: eps)")] = None,
-    max_var: Annotated[Optional[float], _threshold("--max-var", "BN008: running_var above. (default: 1e4)")] = None,
+    eps: Annotated[Optional[float], _threshold("--eps", "The layers' eps in 1/sqrt(var + eps).", "1e-5")] = None,
+    min_var: Annotated[Optional[float], _threshold("--min-var", "BN004: running_var below this is collapsed.", "eps")] = None,
+    max_var: Annotated[Optional[float], _threshold("--max-var", "BN008: running_var above this is exploding.", "1e4")] = None,
     max_mean: Annotated[
-        Optional[float], _threshold("--max-mean", "BN008: |running_mean| above this is exploding. (default: 100)")
+        Optional[float], _threshold("--max-mean", "BN008: |running_mean| above this is exploding.", "100")
     ] = None,
     dead_weight: Annotated[
-        Optional[float], _threshold("--dead-weight", "BN005: |weight| below this is a dead channel. (default: 1e-3)")
+        Optional[float], _threshold("--dead-weight", "BN005: |weight| below this is a dead channel.", "1e-3")
     ] = None,
     max_fold_spread: Annotated[
         Optional[float],
-        _threshold("--max-fold-spread", "BN015: a folded scale this many times the median is a risk. (default: 100)"),
+        _threshold("--max-fold-spread", "BN015: a folded scale this many times the median is a risk.", "100"),
     ] = None,
     state: Annotated[
         Optional[str],
-        typer.Option("--state", help="Key of the state dict inside the checkpoint, e.g. 'ema' (default: found automatically)."),
+        typer.Option("--state", help="Key of the state dict inside the checkpoint, e.g. 'ema'.", show_default="found automatically"),
     ] = None,
     strip_prefix: Annotated[
         Optional[str],
@@ -96,6 +99,11 @@ def run(
     wide: Annotated[
         bool, typer.Option("--wide", help="Tables with every column, however narrow the terminal (lines may be longer).")
     ] = False,
+    output_file: Annotated[Optional[Path], output_file_option()] = None,
+    summary: Annotated[Optional[Path], summary_option()] = None,
+    config: Annotated[Optional[Path], config_option()] = None,
+    isolated: Annotated[bool, isolated_option()] = False,
+    quiet: Annotated[bool, quiet_option()] = False,
 ) -> None:
     """Audit the running statistics and affine parameters of every BatchNorm layer in checkpoints.
 
@@ -106,18 +114,20 @@ def run(
     """
     from bncli.audit import expand_inputs, inspect_files
     from bncli.config import load_config, resolve_inspect
-    from bncli.console import emit, error_line, warn
+    from bncli.console import error_line, warn
+    from bncli.delivery import append_summary, deliver
     from bncli.render import renderer_for
+    from bncli.render.common import summary_line
 
-    config = load_config()
-    for message in config.warnings:
+    loaded = load_config(path=config, isolated=isolated)
+    for message in loaded.warnings:
         warn(message)
     options = {
         "format": fmt, "fail-on": fail_on, "select": select, "ignore": ignore, "require-bn": require_bn,
         "eps": eps, "min-var": min_var, "max-var": max_var, "max-mean": max_mean, "dead-weight": dead_weight,
         "max-fold-spread": max_fold_spread,
     }  # fmt: skip
-    settings = resolve_inspect(options, config)
+    settings = resolve_inspect(options, loaded)
     render = renderer_for(Format(settings.format), "inspect")  # before the audit: a bad format fails fast
 
     report = inspect_files(
@@ -131,7 +141,9 @@ def run(
     )
     for file in report.unreadable:
         error_line(file.error or "")  # the audit goes on with the other inputs
-    emit(render(report), wide=wide)
+    deliver(summary_line(report) if quiet and settings.format == Format.TABLE.value else render(report), output_file, wide=wide)
+    if summary is not None:
+        append_summary(summary, renderer_for(Format.MARKDOWN, "inspect")(report))
     code = exit_code(report, settings.fail_on)
     if code:
         raise typer.Exit(code)

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from bncli.commands.options import check_eps
+from bncli.commands.options import check_eps, format_option, output_file_option, require_torch
+from bncli.errors import UsageError
 from bncli.render import Format
 
 COMMAND = {
@@ -38,7 +39,7 @@ def parse_momentum(value: str | float | None) -> float | None:
 def run(
     ctx: typer.Context,
     input: Annotated[
-        Path, typer.Argument(help="Tensor file (N, C, H, W): .pt/.pth, .safetensors, .npy or .npz.", show_default=False)
+        Path, typer.Argument(help="Tensor file (N, C, H, W): .pt/.pth, .safetensors, .npy or .npz.", show_default=False, metavar="TENSOR")
     ],
     mode: Annotated[
         Mode,
@@ -65,10 +66,11 @@ def run(
         Optional[Path],
         typer.Option("--output", "-o", help="Write the normalized tensor here (.pt or .safetensors), in the input's layout."),
     ] = None,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.TABLE,
+    fmt: Annotated[Format, format_option("normalize")] = Format.TABLE,
     wide: Annotated[
         bool, typer.Option("--wide", help="Tables with every column, however narrow the terminal (lines may be longer).")
     ] = False,
+    output_file: Annotated[Optional[Path], output_file_option(short=False)] = None,
 ) -> None:
     """Apply BatchNorm2d to a tensor in train or eval mode; print per-channel mean/std before and after.
 
@@ -76,7 +78,13 @@ def run(
     at least as close to the float64 result as nn.BatchNorm2d. std is computed as torch.Tensor.std does (correction=1).
     In train mode the table also shows the running statistics after the update.
     """
-    from bncli.console import emit, warn
+    from bncli.console import warn
+    from bncli.delivery import deliver
+
+    require_torch("normalize")
+
+    if output_file is not None and output is not None and Path(output_file).absolute() == Path(output).absolute():
+        raise UsageError("--output-file (the report) and --output (the tensor) name the same file")
     from bncli.normalize import normalize
     from bncli.render import renderer_for
 
@@ -102,4 +110,4 @@ def run(
     )
     for message in report.warnings:
         warn(message)
-    emit(render(report), wide=wide)
+    deliver(render(report), output_file, wide=wide)

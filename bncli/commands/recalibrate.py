@@ -10,6 +10,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from bncli.commands.options import format_option, output_file_option, require_torch
+from bncli.errors import UsageError
 from bncli.render import Format
 
 COMMAND = {
@@ -85,10 +87,11 @@ def run(
             "the output keeps it.",
         ),
     ] = None,
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="Output format of the before/after table.")] = Format.TABLE,
+    fmt: Annotated[Format, format_option("recalibrate", help="Output format of the before/after table.")] = Format.TABLE,
     wide: Annotated[
         bool, typer.Option("--wide", help="Tables with every column, however narrow the terminal (lines may be longer).")
     ] = False,
+    output_file: Annotated[Optional[Path], output_file_option(short=False)] = None,
 ) -> None:
     """Re-estimate every BatchNorm layer's running_mean and running_var from calibration data, exactly.
 
@@ -97,7 +100,13 @@ def run(
     the values that reached each layer, accumulated in float64. Under torchrun each process reads its own share
     of the batches and the statistics are merged before rank 0 writes. Prints the before/after diff.
     """
-    from bncli.console import emit, warn
+    from bncli.console import warn
+    from bncli.delivery import deliver
+
+    require_torch("recalibrate")
+
+    if output_file is not None and output is not None and Path(output_file).absolute() == Path(output).absolute():
+        raise UsageError("--output-file (the report) and --output (the checkpoint) name the same file")
     from bncli.recalibrate import recalibrate
     from bncli.render import renderer_for
 
@@ -117,4 +126,4 @@ def run(
         warn=warn,
     )
     if report is not None:
-        emit(renderer_for(fmt, "recalibrate")(report), wide=wide)
+        deliver(renderer_for(fmt, "recalibrate")(report), output_file, wide=wide)

@@ -14,6 +14,7 @@ class Format(str, enum.Enum):
     JSON = "json"
     MARKDOWN = "markdown"
     GITHUB = "github"
+    SARIF = "sarif"
 
 
 class UnsupportedFormat(UsageError):
@@ -27,12 +28,14 @@ RENDERERS = {
     ("inspect", Format.JSON): "json:inspect_json",
     ("inspect", Format.MARKDOWN): "markdown:inspect_markdown",
     ("inspect", Format.GITHUB): "github:inspect_github",
+    ("inspect", Format.SARIF): "sarif:inspect_sarif",
     ("normalize", Format.TABLE): "table:normalize_table",
     ("normalize", Format.JSON): "json:normalize_json",
     ("diff", Format.TABLE): "diff:diff_table",
     ("diff", Format.JSON): "diff:diff_json",
     ("diff", Format.MARKDOWN): "diff:diff_markdown",
     ("diff", Format.GITHUB): "diff:diff_github",
+    ("diff", Format.SARIF): "sarif:diff_sarif",
     ("recalibrate", Format.TABLE): "diff:recalibrate_table",
     ("recalibrate", Format.JSON): "diff:recalibrate_json",
     ("recalibrate", Format.MARKDOWN): "diff:recalibrate_markdown",
