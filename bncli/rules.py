@@ -841,8 +841,9 @@ def check_pickled_code(prov) -> FileHits:
     detects=(
         'While training (`bncli.watch(model, optimizer)`, the Lightning callback): a BatchNorm layer whose running '
         'statistics were updated more times between two optimizer steps than the watched model was called in train '
-        'mode. Reported at the forward that updates it once too often, once per layer. Needs the optimizer (its '
-        'step hook marks the steps); gradient accumulation (k forwards per step, each layer updated k times) is no '
+        'mode (when the model itself is not called, only its submodules: than the other layers were), once per '
+        'layer, at the forward that updates it once too often (or at the step). Needs the optimizer (its step '
+        'hook marks the steps); gradient accumulation (k forwards per step, each layer updated k times) is no '
         'finding.'
     ),
     why=(
@@ -862,10 +863,12 @@ def check_pickled_code(prov) -> FileHits:
         'In a saved checkpoint the same defect shows as BN016.'
     ),
 )
-def repeated_update_message(updates: int, forwards: int, step: int) -> str:
-    return (f"updated {updates} times in step {step}, over {forwards} forward{'s' if forwards != 1 else ''} of the "
-            "model in train mode: activation checkpointing (torch.utils.checkpoint recomputes the block in train mode "
-            "during backward) or a module called twice in one forward")
+def repeated_update_message(updates: int, reference: int, step: int, by_model: bool = True) -> str:
+    times = f"{reference} time{'s' if reference != 1 else ''}"
+    basis = (f"over {reference} forward{'s' if reference != 1 else ''} of the model in train mode" if by_model
+             else f"while other layers updated {times}")
+    return (f"updated {updates} times in step {step}, {basis}: activation checkpointing (torch.utils.checkpoint "
+            "recomputes the block in train mode during backward) or a module called twice in one forward")
 
 
 @rule(
@@ -962,6 +965,9 @@ def select_rules(select: Iterable[str] | None = None, ignore: Iterable[str] | No
     left = frozenset(chosen - {rule_by_key(k).id for k in _split(ignore)})
     if not left:  # a gate that can never fail is a mistake, not a setting
         raise UsageError("--select and --ignore leave no rule to run")
+    if all(rule_by_key(i).scope == "live" for i in left):
+        raise UsageError(f"--select leaves only live rules ({', '.join(sorted(left))}), which bncli.watch raises while a "
+                         "model trains and inspect never runs")
     return left
 
 

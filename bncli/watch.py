@@ -226,7 +226,20 @@ class Watch:
             self._advance()
 
     def _optimizer_step(self, optimizer, args, kwargs) -> None:
+        if not self._forwards_in_step:  # the model itself was not called (its submodules were): compare the layers
+            counts = [layer.updates_in_step for layer in self.layers.values() if layer.updates_in_step]
+            for layer in self.layers.values():
+                if counts and layer.updates_in_step > min(counts):
+                    self._repeated(layer, min(counts), by_model=False)
         self._advance()
+
+    def _repeated(self, layer: _Layer, reference: int, by_model: bool) -> None:
+        if "BN017" in layer.reported:
+            return
+        layer.reported.add("BN017")
+        rule = _rule("BN017")
+        self._emit(BatchNormEvent(rule.id, rule.name, rule.severity, layer.name, self.step,
+                                  rule.check(layer.updates_in_step, reference, self.step, by_model)))
 
     def _advance(self) -> None:
         self.step += 1
@@ -276,12 +289,9 @@ class Watch:
             self._no_grad.append(layer.name)
             if not self._depth:
                 self._flush_no_grad()
-        forwards = max(1, self._forwards_in_step)
-        if self.optimizer is not None and layer.updates_in_step > forwards and "BN017" not in layer.reported:
-            layer.reported.add("BN017")
-            rule = _rule("BN017")
-            self._emit(BatchNormEvent(rule.id, rule.name, rule.severity, layer.name, self.step,
-                                      rule.check(layer.updates_in_step, forwards, self.step)))
+        forwards = self._forwards_in_step
+        if self.optimizer is not None and forwards and layer.updates_in_step > forwards:
+            self._repeated(layer, forwards, by_model=True)
         if self._defect_step >= 0:
             return  # the first defect only: every layer after it inherits its NaN, in this step and the next ones
         m = layer.module

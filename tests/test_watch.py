@@ -248,3 +248,37 @@ def test_arguments_are_checked():
         bncli.watch(model, every=0)
     with pytest.raises(TypeError):
         bncli.watch(object())
+
+
+def test_submodules_called_directly_compare_the_layers_at_the_step():
+    model = Net(checkpointed={1})
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def run(x):  # the model itself is never called: only its parts
+        x = model.stem(x)
+        x = model.blocks[0](x)
+        x = checkpoint(model.blocks[1], x, use_reentrant=False)
+        return model.head(model.blocks[2](x).mean((2, 3)))
+
+    with bncli.watch(model, opt, on_defect=lambda e: None) as w:
+        for i, x in enumerate(batches(4)):
+            run(x).square().mean().backward()
+            if i % 2 == 1:  # and gradients accumulated over 2 batches: 2 updates per step everywhere else
+                opt.step()
+                opt.zero_grad()
+    assert [(e.rule, e.layer, e.step) for e in w.events] == [("BN017", "blocks.1.1", 0)]
+    assert "updated 4 times in step 0, while other layers updated 2 times" in w.events[0].message
+
+
+def test_live_rules_are_listed_but_never_run_by_inspect(cli):
+    from conftest import SAMPLES
+
+    listing = cli("rules").stdout
+    assert all(f"BN0{n}" in listing for n in (17, 18, 19))
+    result = cli("inspect", SAMPLES / "model.pt", "--select", "BN017,not-updating")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --select leaves only live rules (BN017, BN019)")
+    from bncli.rules import RULES, run_file_rules
+
+    assert {r.id for r in RULES if r.scope == "live"} == {"BN017", "BN018", "BN019"}
+    assert run_file_rules([], selected=frozenset({"BN017", "BN018", "BN019"})) == []
