@@ -124,6 +124,10 @@ def make_inputs(work: Path, quick: bool) -> dict[str, Path]:
     if not tiny.exists():
         save_file(dict(resnet_state(1 << 16, layers=1)), tiny)
     paths["tiny.safetensors"] = tiny
+    layers150 = work / "layers150.pt"  # issue 11: a table of 150 layers against the same report as JSON
+    if not layers150.exists():
+        torch.save(resnet_state(4 << 20, layers=150), layers150)
+    paths["layers150.pt"] = layers150
     shape = (16, 32, 28, 28) if quick else (256, 256, 56, 56)
     tensor = work / ("tensor_quick.npy" if quick else "tensor.npy")
     if not tensor.exists():
@@ -390,6 +394,21 @@ def run_all(work: Path, quick: bool, repeat: int) -> list[dict]:
     r = bench({"bare": many_driver(many, "torch"), "bncli": many_driver(many, "bncli")}, repeat)
     row(4, f"{n} x torch.load(weights_only, mmap) in one process", r["bare"])
     row(4, f"bncli inspect many/ ({n} files, one process)", r["bncli"], r["bare"], "<= 1.3x", "the CLI, JSON output")
+
+    # 7. the table against JSON for one 150-layer file (issue 11): one layout pass, no re-measuring per row
+    layers150 = paths["layers150.pt"]
+    r = bench(
+        {
+            "json": [*BNCLI, "inspect", str(layers150), "--format", "json"],
+            "table": ([*BNCLI, "inspect", str(layers150)], {"COLUMNS": "200"}),
+            "table80": ([*BNCLI, "inspect", str(layers150)], {"COLUMNS": "80"}),
+        },
+        repeat * 2,
+    )
+    row(7, "bncli inspect layers150.pt --format json (150 layers)", r["json"])
+    row(7, "bncli inspect layers150.pt, table at 200 columns", r["table"], r["json"], "<= 1.2x")
+    row(7, "bncli inspect layers150.pt, table at 80 columns", r["table80"], r["json"], "<= 1.2x",
+        "columns dropped to fit")
 
     # 5. normalize compute
     wall, rss, out = run([PY, "-c", NORMALIZE_DRIVER, str(paths["tensor"]), str(repeat)])

@@ -152,7 +152,7 @@ def _array(source: Source) -> Any:
     if source.fmt == "safetensors":
         import torch
 
-        from bncli.archive import SAFETENSORS_DTYPES, check_safetensors
+        from bncli.formats.safetensors import SAFETENSORS_DTYPES, check_safetensors
 
         entry = check_safetensors(source.path)[source.key]
         dtype = getattr(torch, SAFETENSORS_DTYPES[entry.dtype][0])
@@ -214,8 +214,8 @@ def _open_tensor(path: Path, key: str | None) -> tuple[Any, str, str | None, str
     """The file's tensor as something sliceable without reading it all (numpy memmap, safetensors slice,
     mmapped torch tensor), plus its format, the key used and its dtype name. `key` names the tensor in files
     of named tensors; unnamed ones (.npy, a bare torch tensor) ignore it, so mixed --data lists work."""
-    from bncli.archive import SAFETENSORS_DTYPES, check_safetensors
     from bncli.errors import first_line
+    from bncli.formats.safetensors import SAFETENSORS_DTYPES, check_safetensors
     from bncli.loading import _choose_key, sniff, torch_load_checked
 
     fmt = sniff(path)

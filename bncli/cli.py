@@ -9,7 +9,7 @@ import typer
 
 from bncli import __version__
 from bncli.clistyle import BncliCommand, BncliGroup, Debug
-from bncli.console import StreamError, error_line, standard_streams, write_stderr
+from bncli.console import StreamError, error_line, standard_streams, terminal, write_stderr
 from bncli.errors import BncliError, ExitCode, Terminated, internal_message
 
 app = typer.Typer(
@@ -39,7 +39,8 @@ def _traceback() -> None:
     import traceback
 
     try:
-        write_stderr(traceback.format_exc())
+        # a traceback quotes messages, and messages quote names from the file: escaped line by line
+        write_stderr("\n".join(terminal(line) for line in traceback.format_exc().split("\n")))
     except StreamError:
         pass
 

@@ -29,6 +29,12 @@ from bncli.errors import OutputError
 
 # --------------------------------------------------------------------------- escaping
 
+
+def show(path: str | os.PathLike) -> str:
+    """A path as text: bytes that are not UTF-8 appear as \\xNN (control characters are escaped at the sinks)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 # C0 (but space), DEL, C1; line and paragraph separators; the invisible characters that reorder or hide text
 # (bidi embeddings, overrides and isolates; zero-width space/joiners; word joiner; BOM); lone surrogates.
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ud800-\udfff]")

@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bncli.archive import SAFETENSORS_DTYPES, check_safetensors, human, max_load_bytes, show
-from bncli.budget import Budget
+from bncli.budget import Budget, human, max_load_bytes
+from bncli.console import show
 from bncli.errors import BncliError, InputError, UnsafeFileError, first_line
-from bncli.formats.modules import ModelTooLarge, flatten, is_module
-from bncli.formats.tensors import LazyTensor, OpaqueTensor
+from bncli.formats.safetensors import SAFETENSORS_DTYPES, check_safetensors, open_safetensors  # noqa: F401
 from bncli.layers import ROOT
 
 # Keys under which training scripts commonly nest the model's state dict, in order of preference:
@@ -254,7 +253,7 @@ def load_checkpoint(path: str | os.PathLike, state: str | None = None, strip_pre
     if fmt == "safetensors":
         if state is not None:
             raise InputError(f"{show(path)}: --state does not apply to safetensors files, which hold one flat mapping")
-        entries, reader = _open_safetensors(path)
+        entries, reader = open_safetensors(path)
         container = None
     elif fmt in ("torch-zip", "torch-legacy"):
         obj, machine = read_torch(path, fmt)
@@ -264,6 +263,8 @@ def load_checkpoint(path: str | os.PathLike, state: str | None = None, strip_pre
 
             extra["optimizer_steps"] = optimizer_steps(obj)
         if is_module(found):
+            from bncli.formats.modules import ModelTooLarge, flatten
+
             try:
                 flat, meta, extra["model_class"] = flatten(found)
             except ModelTooLarge as exc:
@@ -280,6 +281,13 @@ def load_checkpoint(path: str | os.PathLike, state: str | None = None, strip_pre
         meta = {_strip(name, prefix): m for name, m in meta.items()}
     prov = Provenance(show(path), fmt, container, prefix, alternatives, **extra)
     return Checkpoint(prov, entries, reader, {(name or ROOT): m for name, m in meta.items()})
+
+
+def is_module(obj: Any) -> bool:
+    """A whole pickled nn.Module, read as data (the torch readers are imported only for torch files)."""
+    from bncli.formats.modules import is_module as module_record
+
+    return module_record(obj)
 
 
 def _strip(name: str, prefix: str) -> str:
@@ -374,7 +382,8 @@ def _is_tensor(value: Any) -> bool:
     """A tensor of any origin; torch and numpy are looked up, not imported: a module not loaded made no value."""
     import sys
 
-    if isinstance(value, (LazyTensor, OpaqueTensor)):
+    tensors = sys.modules.get("bncli.formats.tensors")  # not loaded: no torch file was read, so no lazy tensor
+    if tensors is not None and isinstance(value, (tensors.LazyTensor, tensors.OpaqueTensor)):
         return True
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):
@@ -503,6 +512,8 @@ class _TorchReader:
         """bncli's lazy tensors (bfloat16 widened), torch tensors and plain numbers, as numpy."""
         import numpy as np
 
+        from bncli.formats.tensors import LazyTensor, OpaqueTensor
+
         if isinstance(value, (LazyTensor, OpaqueTensor)):
             array = value.numpy()
             return array.astype(np.float32) if array.dtype == np.float16 else array
@@ -516,44 +527,6 @@ class _TorchReader:
         array = np.array(value)
         # float16 widened exactly: statistics computed in float16 would underflow below eps
         return array.astype(np.float32) if array.dtype == np.float16 else array
-
-
-# --------------------------------------------------------------------------- safetensors
-
-
-def _open_safetensors(path: Path) -> tuple[dict[str, Any], _SafetensorsReader]:
-    header = check_safetensors(path)  # in file order
-    return {k: k for k in header}, _SafetensorsReader(path, header)
-
-
-class _SafetensorsReader:
-    def __init__(self, path: Path, header) -> None:
-        self.path = path
-        self.header = header  # name -> archive.SafetensorsEntry, offsets already checked
-
-    def dtype(self, key: str) -> str:
-        return SAFETENSORS_DTYPES[self.header[key].dtype][0]
-
-    def read(self, key: str):
-        """Read the tensor's bytes at its checked offsets; float16/bfloat16 become float32 (exactly)."""
-        import numpy as np
-
-        entry = self.header[key]
-        with self.path.open("rb") as fh:
-            fh.seek(entry.start)
-            raw = fh.read(entry.end - entry.start)
-        if len(raw) != entry.end - entry.start:
-            raise InputError(f"{show(self.path)}: truncated while reading {key}")
-        if entry.dtype == "BF16":
-            # numpy has no bfloat16: place the 16 bits in the top half of a float32.
-            return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32).reshape(entry.shape)
-        name = SAFETENSORS_DTYPES[entry.dtype][0]
-        if not hasattr(np, name):
-            raise InputError(f"{show(self.path)}: {key} has dtype {name}, which bncli cannot read")
-        array = np.frombuffer(raw, dtype=np.dtype(name).newbyteorder("<")).reshape(entry.shape)
-        return array.astype(np.float32) if entry.dtype == "F16" else array.copy()
-
-
 
 
 # --------------------------------------------------------------------------- tensors
@@ -596,7 +569,7 @@ def load_tensor(path: str | os.PathLike, key: str | None = None):
     if fmt == "npz":
         return _load_npz(path, key)
     if fmt == "safetensors":
-        entries, reader = _open_safetensors(path)
+        entries, reader = open_safetensors(path)
         name = _choose_key(path, list(entries), key)
         try:
             array = reader.read(name)
@@ -627,7 +600,7 @@ def _lazy_to_torch(path: Path, value: Any, name: str | None):
     import torch
 
     where = f"{show(path)}: {name}" if name else show(path)
-    from bncli.formats.tensors import RAW_ONLY
+    from bncli.formats.tensors import RAW_ONLY, LazyTensor
 
     try:
         array = value.numpy(raw=True) if isinstance(value, LazyTensor) else value.numpy()
@@ -718,7 +691,18 @@ def _choose_key(path: Path, keys: list[str], key: str | None) -> str:
         return keys[0]
     if not keys:
         raise InputError(f"{show(path)}: holds no tensor")
-    raise InputError(f"{show(path)}: holds {len(keys)} tensors; choose one with --key: {', '.join(keys)}")
+    from bncli.layers import find_layers
+
+    layers = [layer.name for layer in find_layers(keys)]
+    if layers:  # a state dict, not a batch of inputs: say so, and how to use one of its layers
+        shown = ", ".join(layers[:3]) + (", ..." if len(layers) > 3 else "")
+        raise InputError(
+            f"{show(path)}: a checkpoint with {len(layers)} BatchNorm layer{'s' if len(layers) != 1 else ''} ({shown}), "
+            f"not an input tensor; to apply one of its layers: bncli normalize INPUT --checkpoint {show(path)} "
+            f"--layer {layers[0]}"
+        )
+    shown = ", ".join(keys[:10]) + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
+    raise InputError(f"{show(path)}: holds {len(keys)} tensors; choose one with --key: {shown}")
 
 
 def _numpy_to_torch(path: Path, array):

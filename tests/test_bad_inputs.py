@@ -20,7 +20,7 @@ from badfiles import safetensors as st
 from conftest import ROOT, bn_state
 from safetensors.torch import save_file
 
-from bncli.archive import show
+from bncli.console import show
 
 CASES = {}
 

@@ -25,7 +25,7 @@ def test_quick_benchmark_runs(tmp_path):
     assert table.startswith("bncli benchmark (quick, 1 rounds, medians)")
     assert "| # | what | median ms | peak RSS MB | ratio | target | note |" in table
     rows = json.loads(raw.read_text())
-    assert {row["target"] for row in rows} == {1, 2, 3, 4, 5, 6}
+    assert {row["target"] for row in rows} == {1, 2, 3, 4, 5, 6, 7}
     notes = {row["what"].split(" (")[0]: row["note"] for row in rows}
     assert notes["bncli --help"] == "imports no torch/numpy/safetensors"
     assert notes["bncli inspect tiny.safetensors --format json"] == "imports no pydantic, no torch"

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bncli import budget
-from bncli.archive import SAFETENSORS_DTYPES, check_safetensors
 from bncli.errors import InputError
+from bncli.formats.safetensors import SAFETENSORS_DTYPES, check_safetensors
 
 EXAMPLES = int(os.environ.get("BNCLI_FUZZ_EXAMPLES", "40"))
 
@@ -161,12 +161,12 @@ def _many_entries(count: int) -> str:
 
 def test_a_header_of_a_million_empty_entries_is_refused_at_the_limit(tmp_path, monkeypatch):
     """1.3 M empty entries in a 94 MB header: refused after MAX_ENTRIES + 1 of them, the rest never built or checked."""
-    import bncli.archive
+    import bncli.formats.safetensors
 
     path = st_file(tmp_path, _many_entries(1_300_000))
     built = []
-    real_entry = bncli.archive._entry
-    monkeypatch.setattr(bncli.archive, "_entry", lambda *args: built.append(1) or real_entry(*args))
+    real_entry = bncli.formats.safetensors._entry
+    monkeypatch.setattr(bncli.formats.safetensors, "_entry", lambda *args: built.append(1) or real_entry(*args))
     monkeypatch.setattr(budget, "MAX_ENTRIES", 1000)  # the default (200,000) behaves the same, ten times slower
     with pytest.raises(InputError) as info:
         check_safetensors(path)

@@ -257,3 +257,19 @@ def test_normalize_uses_the_layers_own_eps_and_momentum(saved, tmp_path):
                      "--eps", "1e-5", "-f", "json"], {"PYTHONPATH": str(repo)}, tmp_path)
     report = json.loads(done.stdout)
     assert (report["eps"], report["from_layer"]) == (1e-5, ["momentum"])  # an option given wins
+
+
+def test_table_shows_eps_and_class_for_whole_models_only(saved, tmp_path):
+    out, ref = saved
+    repo = Path(__file__).resolve().parent.parent
+    env = {"PYTHONPATH": str(repo), "NO_COLOR": "1"}
+    wide = _run_cli(["inspect", str(out / "bare.pt")], {**env, "COLUMNS": "200"}, tmp_path).stdout
+    rows = {line.split()[0]: line for line in wide.splitlines() if "│" in line and line.split()[0] != "│"}
+    assert "FrozenBatchNorm2d" in rows["frozen"] and " 0 │" in rows["frozen"]  # its eps, 0
+    assert "SyncBatchNorm" in rows["sync"] and "0.001" in rows["model.1.bn"]
+    narrow = _run_cli(["inspect", str(out / "bare.pt")], {**env, "COLUMNS": "80"}, tmp_path).stdout
+    header = next(line for line in narrow.splitlines() if line.startswith("layer"))
+    assert "eps" in header and "class" not in header  # eps is kept longest, class dropped first
+    assert "columns: class, " in narrow  # and the dim line says so
+    plain = _run_cli(["inspect", str(out / "state_dict.pt")], {**env, "COLUMNS": "200"}, tmp_path).stdout
+    assert " eps " not in plain and "class" not in plain

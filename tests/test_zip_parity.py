@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bncli import budget
-from bncli.archive import check_torch_zip
 from bncli.errors import InputError
+from bncli.formats.torch_zip import check_torch_zip
 from bncli.formats.zipdir import list_zip, read_zip_directory
 from bncli.loading import load_checkpoint, sniff
 

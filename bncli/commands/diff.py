@@ -98,7 +98,7 @@ def run(
     --state-a/--state-b compare two state dicts of one file (the model and its EMA).
     """
     from bncli.config import load_config, resolve_diff
-    from bncli.console import note
+    from bncli.console import note, warn
     from bncli.delivery import append_summary, deliver
     from bncli.diff import FAIL_IF_UNCHANGED, FAIL_ON_CHANGE, diff_files
     from bncli.render import renderer_for
@@ -123,6 +123,11 @@ def run(
         a, b, layer=layer, eps=eps, state=state, state_a=state_a, state_b=state_b, strip_prefix_a=strip_prefix_a,
         strip_prefix_b=strip_prefix_b, only=only or (), exclude=exclude or (), atol=atol, rtol=rtol, gate=gate,
     )  # fmt: skip
+    from bncli.render.diff import prefix_hint
+
+    hint = prefix_hint(report)
+    if hint:
+        warn(hint)
     deliver(summary_line(report) if quiet and fmt is Format.TABLE else render(report), output_file, wide=wide)
     if summary is not None:
         append_summary(summary, renderer_for(Format.MARKDOWN, "diff")(report))

@@ -12,8 +12,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from bncli.archive import show
 from bncli.budget import Budget, human
+from bncli.console import show
 from bncli.errors import InputError
 from bncli.formats.pickle_vm import Machine, PickleError
 from bncli.formats.tensors import LazyStorage, itemsize

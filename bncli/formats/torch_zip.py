@@ -9,14 +9,69 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from bncli.archive import ZipRecord, check_torch_zip, crc_error, show
-from bncli.budget import Budget, human
+from bncli.budget import Budget, human, max_load_bytes
+from bncli.console import show
 from bncli.errors import InputError
 from bncli.formats.pickle_vm import Global, Machine, PickleError
 from bncli.formats.tensors import STORAGE_DTYPES, LazyStorage, itemsize
+from bncli.formats.zipdir import TorchZip, ZipRecord, read_zip_directory
 
 # torch's reader accepts archive versions 1..10 (caffe2/serialize/inline_container.cc), parsed as a leading integer.
 MIN_VERSION, MAX_VERSION = 1, 10
+
+
+def check_torch_zip(path: Path, *, verify_crc: bool = True) -> TorchZip:
+    """Check a torch zip archive without inflating or mapping anything; raise InputError on the first problem.
+
+    The directory is read with torch's rules (bncli/formats/zipdir.py): every record stored uncompressed, as torch
+    writes them, at the data offset torch's own reader reports, inside the file, without overlap, prefix, gap or a
+    local header that disagrees, so that bncli and torch.load see the same archive; with verify_crc, every record
+    must also match its CRC-32, so that a mapped tensor can never read damaged bytes. The pickle (data.pkl) must fit
+    the in-memory cap.
+    """
+    archive = read_zip_directory(path)
+    p = show(path)
+    pkl = archive.records.get("data.pkl")
+    if pkl is None:
+        raise InputError(f"{p}: not a checkpoint bncli can read (looks like: zip archive without data.pkl)")
+    cap = max_load_bytes()
+    if pkl.size > cap:
+        raise InputError(f"{p}: its pickle (data.pkl) is {human(pkl.size)}, above the {human(cap)} limit (BNCLI_MAX_LOAD_BYTES)")
+    if verify_crc:
+        with path.open("rb") as fh:
+            for record in archive.records.values():
+                verify_record_crc(path, record, fh)
+    return archive
+
+
+def verify_record_crc(path: Path, record: ZipRecord, fh=None) -> None:
+    """Read one record and compare its CRC-32 with the archive's: catches flipped bits in tensor data."""
+    if fh is None:
+        with path.open("rb") as own:
+            verify_record_crc(path, record, own)
+        return
+    crc = 0
+    left = record.size
+    fh.seek(record.data_offset)
+    while left:
+        chunk = fh.read(min(left, 1 << 24))
+        if not chunk:
+            raise InputError(f"{show(path)}: truncated: record {record.name!r} ends past the end of the file")
+        crc = zlib.crc32(chunk, crc)
+        left -= len(chunk)
+    if crc != record.crc:
+        raise crc_error(path, record)
+
+
+def crc_error(path: Path, record: ZipRecord) -> InputError:
+    return InputError(f"{show(path)}: corrupt: record {record.name!r} fails its CRC-32 check (the file is damaged)")
+
+
+def read_record(path: Path, record: ZipRecord) -> bytes:
+    """The bytes of one checked record, for readers that bypass torch.load."""
+    with path.open("rb") as fh:
+        fh.seek(record.data_offset)
+        return fh.read(record.size)
 
 
 class ZipSource:

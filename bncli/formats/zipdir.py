@@ -95,7 +95,7 @@ def _bytes(n: int) -> str:
 
 
 def _show(path: Path) -> str:
-    from bncli.archive import show
+    from bncli.console import show
 
     return show(path)
 
@@ -124,7 +124,7 @@ def read_zip_directory(path: Path, budget: Budget | None = None) -> TorchZip:
     """The archive as torch reads it: list_zip's checks, then torch's layout (records stored, all in one root folder).
 
     Every record's data_offset equals torch's `PyTorchFileReader.get_record_offset`. Nothing is inflated or checked
-    against its CRC here (archive.verify_record_crc does that); data.pkl's presence and size are the caller's to check.
+    against its CRC here (torch_zip.verify_record_crc does that); data.pkl's presence and size are the caller's to check.
     """
     path = Path(path)
     where = budget.where if budget is not None else _show(path)

@@ -135,6 +135,30 @@ def legend(report: DiffReport) -> str:
             f"{zero}sym KL = KL(A||B) + KL(B||A) of N(mean, var + eps)")
 
 
+def prefix_hint(report: DiffReport) -> str | None:
+    """When no layer is in both files but the names match after removing a prefix ('model.features.1' in A,
+    'features.1' in B), the --strip-prefix-a/-b that would match them; None otherwise."""
+    if report.layers or not report.only_a or not report.only_b:
+        return None
+    votes: dict[tuple[str, str], int] = {}
+    for x in report.only_a:
+        for y in report.only_b:
+            xs, ys = x.split("."), y.split(".")
+            common = 0
+            while common < min(len(xs), len(ys)) and xs[-1 - common] == ys[-1 - common]:
+                common += 1
+            if common and (common < len(xs) or common < len(ys)):
+                pair = (".".join(xs[: len(xs) - common]), ".".join(ys[: len(ys) - common]))
+                votes[pair] = votes.get(pair, 0) + 1
+    if not votes:
+        return None
+    (pa, pb), count = max(votes.items(), key=lambda item: item[1])
+    if count < max(1, min(len(report.only_a), len(report.only_b)) // 2):
+        return None
+    options = " ".join(f"--strip-prefix-{side} {prefix}" for side, prefix in (("a", pa), ("b", pb)) if prefix)
+    return (f"no BatchNorm layer is in both files, but {count} match once a prefix is removed: rerun with {options}")
+
+
 def diff_table(report: DiffReport) -> RenderableType:
     parts: list[RenderableType] = [text(title_line(report), style="bold")]
     single = len(report.layers) == 1 and report.layers[0].channels is not None

@@ -104,18 +104,30 @@ def _flag_style(flags, severities: dict[str, Severity]) -> str:
 
 
 def layer_grid(file: FileReport) -> Grid:
-    """The layer table: one row per layer, every cell laid out once."""
+    """The layer table: one row per layer, every cell laid out once. Whole pickled models, which state each
+    layer's eps and class, get an `eps` column (and `class`, where a layer is not a plain BatchNorm2d) after `C`."""
     severities = {f.name: f.severity for f in file.findings}
+    show_eps = any(layer.eps is not None for layer in file.layers)
+    show_class = any(layer.class_path not in (None, PLAIN_CLASS) for layer in file.layers)
+    columns = list(LAYER_COLUMNS)
+    columns[2:2] = [EPS_COLUMN] * show_eps + [CLASS_COLUMN] * show_class
     rows = []
     for layer in file.layers:
         m, v = layer.running_mean, layer.running_var
+        model = [fmt(layer.eps)] * show_eps + [terminal((layer.class_path or "").rpartition(".")[2])] * show_class
         rows.append([
-            terminal(layer.name), str(layer.num_features), fmt(layer.num_batches_tracked),
+            terminal(layer.name), str(layer.num_features), *model, fmt(layer.num_batches_tracked),
             fmt(m.min), fmt(m.center), fmt(m.max), fmt(v.min), fmt(v.center), fmt(v.max), fmt(layer.weight_abs_min),
             var_spark(layer.running_var_profile), weight_spark(layer.weight_abs_profile),
             (", ".join(layer.flags), _flag_style(layer.flags, severities)),
         ])  # fmt: skip
-    return Grid(LAYER_COLUMNS, rows)
+    return Grid(columns, rows)
+
+
+# Shown only for whole pickled models (state dicts do not store a layer's eps or class).
+EPS_COLUMN = Column("eps", drop=10)
+CLASS_COLUMN = Column("class", justify="left", drop=0)
+PLAIN_CLASS = "torch.nn.modules.batchnorm.BatchNorm2d"
 
 
 def _channel_table(file: FileReport) -> list[RenderableType]:

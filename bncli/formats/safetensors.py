@@ -1,21 +1,20 @@
-"""Check a file's structure before torch or safetensors touch it: zip records, legacy storages, safetensors headers."""
+"""safetensors, read without the library: the header parsed and checked as the safetensors library does, then
+plain reads at the checked offsets (only the tensors asked for)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
-import zlib
 from dataclasses import dataclass
 from json.decoder import scanstring
 from pathlib import Path
 from typing import Any
 
 from bncli.budget import MAX_HEADER_BYTES as MAX_SAFETENSORS_HEADER
-from bncli.budget import Budget, human, max_load_bytes  # noqa: F401 - re-exported for the readers
+from bncli.budget import Budget, human, max_load_bytes  # noqa: F401
+from bncli.console import show
 from bncli.errors import InputError, first_line
-from bncli.formats.zipdir import TorchZip, ZipRecord, read_zip_directory  # noqa: F401 - re-exported
 
 # safetensors dtype codes -> (the name torch uses, bytes per element); bncli reports the torch name.
 SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
@@ -36,71 +35,6 @@ SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
     "BOOL": ("bool", 1),
     "C64": ("complex64", 8),
 }
-
-
-def show(path: str | os.PathLike) -> str:
-    """The path as printable text: bytes that are not UTF-8 appear as \\xNN instead of breaking the terminal."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-# --------------------------------------------------------------------------- torch zip archives
-
-
-def check_torch_zip(path: Path, *, verify_crc: bool = True) -> TorchZip:
-    """Check a torch zip archive without inflating or mapping anything; raise InputError on the first problem.
-
-    The directory is read with torch's rules (bncli/formats/zipdir.py): every record stored uncompressed, as torch
-    writes them, at the data offset torch's own reader reports, inside the file, without overlap, prefix, gap or a
-    local header that disagrees, so that bncli and torch.load see the same archive; with verify_crc, every record
-    must also match its CRC-32, so that a mapped tensor can never read damaged bytes. The pickle (data.pkl) must fit
-    the in-memory cap.
-    """
-    archive = read_zip_directory(path)
-    p = show(path)
-    pkl = archive.records.get("data.pkl")
-    if pkl is None:
-        raise InputError(f"{p}: not a checkpoint bncli can read (looks like: zip archive without data.pkl)")
-    cap = max_load_bytes()
-    if pkl.size > cap:
-        raise InputError(f"{p}: its pickle (data.pkl) is {human(pkl.size)}, above the {human(cap)} limit (BNCLI_MAX_LOAD_BYTES)")
-    if verify_crc:
-        with path.open("rb") as fh:
-            for record in archive.records.values():
-                verify_record_crc(path, record, fh)
-    return archive
-
-
-def verify_record_crc(path: Path, record: ZipRecord, fh=None) -> None:
-    """Read one record and compare its CRC-32 with the archive's: catches flipped bits in tensor data."""
-    if fh is None:
-        with path.open("rb") as own:
-            verify_record_crc(path, record, own)
-        return
-    crc = 0
-    left = record.size
-    fh.seek(record.data_offset)
-    while left:
-        chunk = fh.read(min(left, 1 << 24))
-        if not chunk:
-            raise InputError(f"{show(path)}: truncated: record {record.name!r} ends past the end of the file")
-        crc = zlib.crc32(chunk, crc)
-        left -= len(chunk)
-    if crc != record.crc:
-        raise crc_error(path, record)
-
-
-def crc_error(path: Path, record: ZipRecord) -> InputError:
-    return InputError(f"{show(path)}: corrupt: record {record.name!r} fails its CRC-32 check (the file is damaged)")
-
-
-def read_record(path: Path, record: ZipRecord) -> bytes:
-    """The bytes of one checked record, for readers that bypass torch.load."""
-    with path.open("rb") as fh:
-        fh.seek(record.data_offset)
-        return fh.read(record.size)
-
-
-# --------------------------------------------------------------------------- safetensors
 
 
 @dataclass(frozen=True)
@@ -296,3 +230,34 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def open_safetensors(path: Path) -> tuple[dict[str, Any], SafetensorsReader]:
+    header = check_safetensors(path)  # in file order
+    return {k: k for k in header}, SafetensorsReader(path, header)
+
+
+class SafetensorsReader:
+    def __init__(self, path: Path, header) -> None:
+        self.path = path
+        self.header = header  # name -> archive.SafetensorsEntry, offsets already checked
+
+    def dtype(self, key: str) -> str:
+        return SAFETENSORS_DTYPES[self.header[key].dtype][0]
+
+    def read(self, key: str):
+        """Read the tensor's bytes at its checked offsets; float16/bfloat16 become float32 (exactly)."""
+        import numpy as np
+
+        entry = self.header[key]
+        with self.path.open("rb") as fh:
+            fh.seek(entry.start)
+            raw = fh.read(entry.end - entry.start)
+        if len(raw) != entry.end - entry.start:
+            raise InputError(f"{show(self.path)}: truncated while reading {key}")
+        if entry.dtype == "BF16":
+            # numpy has no bfloat16: place the 16 bits in the top half of a float32.
+            return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32).reshape(entry.shape)
+        name = SAFETENSORS_DTYPES[entry.dtype][0]
+        if not hasattr(np, name):
+            raise InputError(f"{show(self.path)}: {key} has dtype {name}, which bncli cannot read")
+        array = np.frombuffer(raw, dtype=np.dtype(name).newbyteorder("<")).reshape(entry.shape)
+        return array.astype(np.float32) if entry.dtype == "F16" else array.copy()
