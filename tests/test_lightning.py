@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("lightning", reason="the test extra installs Lightning (pip install 'bncli[test]')")
+# Lightning is imported by each test, not at collection: a pytest process that grew by Lightning's imports would
+# pass its peak RSS to the child processes whose memory other tests measure (tests/test_hardening.py).
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("lightning") is None,
+                                reason="the test extra installs Lightning (pip install 'bncli[test]')")
 from torch import nn  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
