@@ -1,4 +1,4 @@
-"""The `normalize` core: validate a tensor's shape, apply BatchNorm2d exactly as torch does, measure it."""
+"""The `normalize` core: validate a tensor's shape, apply BatchNorm1d/2d/3d exactly as torch does, measure it."""
 
 from __future__ import annotations
 
@@ -21,34 +21,66 @@ def _dtypes():
     return (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what torch's CPU batch_norm implements
 
 
-def validate_input(x: torch.Tensor, source: str, *, add_batch_dim: bool = False, channels_last: bool = False) -> torch.Tensor:
-    """Return `x` as (N, C, H, W), or raise ShapeError with one line that says what to do."""
+KINDS = ("1d", "2d", "3d")
+# kind -> (the input shapes BatchNorm{kind} takes, named; their numbers of dimensions; the names of dims 2..)
+LAYOUTS = {
+    "1d": ("(N, C) or (N, C, L)", (2, 3), ("L",)),
+    "2d": ("(N, C, H, W)", (4,), ("H", "W")),
+    "3d": ("(N, C, D, H, W)", (5,), ("D", "H", "W")),
+}
+# the per-sample layout --add-batch-dim expects, by kind
+SAMPLE = {"1d": "(C, L)", "2d": "(C, H, W)", "3d": "(C, D, H, W)"}
+
+
+def kind_of(class_path: str | None) -> str | None:
+    """'1d', '2d' or '3d' from a module's class (e.g. torch.nn.modules.batchnorm.BatchNorm1d); None if it does not
+    say (SyncBatchNorm takes any of them)."""
+    name = (class_path or "").rpartition(".")[2]
+    for kind in KINDS:
+        if name.endswith(f"BatchNorm{kind}"):
+            return kind
+    return None
+
+
+def validate_input(
+    x: torch.Tensor, source: str, *, add_batch_dim: bool = False, channels_last: bool = False, kind: str = "2d"
+) -> torch.Tensor:
+    """Return `x` in the layout BatchNorm{kind} takes, channels in dim 1, or raise ShapeError with one line that
+    says what to do."""
+    shapes, dims, _ = LAYOUTS[kind]
+    name = f"BatchNorm{kind}"
     if x.dtype not in _dtypes():
         raise ShapeError(
-            f"{source}: dtype {str(x.dtype).removeprefix('torch.')} is not supported; BatchNorm2d needs a floating-point "
+            f"{source}: dtype {str(x.dtype).removeprefix('torch.')} is not supported; {name} needs a floating-point "
             "tensor (float16, bfloat16, float32 or float64)"
         )
     if add_batch_dim:
-        if x.dim() != 3:
-            raise ShapeError(f"{source}: --add-batch-dim expects a 3-D tensor (C, H, W); got shape {_shape(x)}")
+        if x.dim() + 1 not in dims or (kind == "1d" and x.dim() != 2):
+            raise ShapeError(f"{source}: --add-batch-dim expects a {len(SAMPLE[kind].split(','))}-D tensor {SAMPLE[kind]}; "
+                             f"got shape {_shape(x)}")
         x = x.unsqueeze(0)
-    if x.dim() == 4 and channels_last:
-        x = x.permute(0, 3, 1, 2)
-    if x.dim() != 4:
-        raise ShapeError(f"{source}: expected a 4-D tensor (N, C, H, W); got shape {_shape(x)}{_dim_hint(x.dim())}")
+    if channels_last and x.dim() in dims and x.dim() >= 3:
+        x = x.permute(0, x.dim() - 1, *range(1, x.dim() - 1))  # (N, ..., C) -> (N, C, ...)
+    if x.dim() not in dims:
+        expected = " or ".join(f"{d}-D" for d in dims)
+        raise ShapeError(f"{source}: expected a {expected} tensor {shapes} for {name}; got shape {_shape(x)}"
+                         f"{_dim_hint(x.dim(), kind)}")
     if x.numel() == 0:
-        raise ShapeError(f"{source}: the tensor is empty (shape {_shape(x)}); BatchNorm2d needs at least one value")
+        raise ShapeError(f"{source}: the tensor is empty (shape {_shape(x)}); {name} needs at least one value")
     return x
 
 
-def _dim_hint(dim: int) -> str:
-    return {
-        0: ": a scalar, not an image batch",
-        1: ": a 1-D vector; BatchNorm2d needs (N, C, H, W)",
-        2: ": BatchNorm1d takes (N, C); BatchNorm2d needs (N, C, H, W)",
-        3: ": a single image? add a batch dimension with --add-batch-dim",
-        5: ": BatchNorm3d takes (N, C, D, H, W); BatchNorm2d needs (N, C, H, W)",
-    }.get(dim, "")
+def _dim_hint(dim: int, kind: str = "2d") -> str:
+    """What a tensor of `dim` dimensions probably is, and the option that takes it."""
+    if dim == 0:
+        return ": a scalar, not a batch"
+    if dim == 1:
+        return ": a 1-D vector; BatchNorm needs a batch (N, C, ...)"
+    fits = [k for k in KINDS if dim in LAYOUTS[k][1] and k != kind]
+    hint = f": BatchNorm{fits[0]} takes {LAYOUTS[fits[0]][0]}: pass --kind {fits[0]}" if fits else ""
+    if dim + 1 in LAYOUTS[kind][1] and not (kind == "1d" and dim != 2):
+        hint += f"{'; or ' if hint else ': '}a single sample {SAMPLE[kind]}? add a batch dimension with --add-batch-dim"
+    return hint
 
 
 def _shape(x) -> str:
@@ -60,19 +92,24 @@ def check_channels(x: torch.Tensor, num_features: int, source: str, layer: str, 
     if channels == num_features:
         return
     hint = ""
-    if not channels_last and x.shape[-1] == num_features and _looks_channels_last(x):
-        hint = f"; its last dimension is {num_features}: channels-last (N, H, W, C)? pass --channels-last"
+    if not channels_last and x.shape[-1] == num_features and x.dim() >= 3 and _looks_channels_last(x):
+        last = {3: "(N, L, C)", 4: "(N, H, W, C)", 5: "(N, D, H, W, C)"}[x.dim()]
+        hint = f"; its last dimension is {num_features}: channels-last {last}? pass --channels-last"
     raise ShapeError(f"{source}: {channels} channels in dim 1 but {layer} has num_features={num_features}{hint}")
 
 
 def _looks_channels_last(x: torch.Tensor) -> bool:
     """An (N, C, H, W) reading with square images beats an (N, H, W, C) reading with non-square ones."""
+    if x.dim() != 4:
+        return True
     _, d1, d2, d3 = x.shape
     return not (d2 == d3 and d1 != d2)
 
 
 def channels_last_warning(x: torch.Tensor) -> str | None:
-    """A fresh layer takes dim 1 as channels whatever it is; say so when the tensor looks NHWC."""
+    """A fresh layer takes dim 1 as channels whatever it is; say so when a 4-D tensor looks NHWC."""
+    if x.dim() != 4:
+        return None
     _, d1, d2, d3 = x.shape
     if d3 in (1, 3, 4) and d1 == d2 and d1 > 4:
         return (
@@ -82,12 +119,12 @@ def channels_last_warning(x: torch.Tensor) -> str | None:
     return None
 
 
-def check_train_batch(x: torch.Tensor, source: str) -> None:
-    n, _, h, w = x.shape
-    if n * h * w == 1:
+def check_train_batch(x: torch.Tensor, source: str, kind: str = "2d") -> None:
+    if x.numel() // x.shape[1] == 1:
+        product = "*".join(["N", *LAYOUTS[kind][2][: x.dim() - 2]])
         raise ShapeError(
             f"{source}: train mode needs more than 1 value per channel to compute batch statistics; "
-            f"shape {_shape(x)} gives N*H*W = 1. Use --mode eval, or a larger batch"
+            f"shape {_shape(x)} gives {product} = 1. Use --mode eval, or a larger batch"
         )
 
 
@@ -108,12 +145,13 @@ def check_zero_variance(num_features: int, state, source: str) -> None:
         )
 
 
-def build_layer(num_features: int, *, eps: float, momentum: float | None, affine: bool, state=None):
-    """An nn.BatchNorm2d with the given parameters and, from a checkpoint layer, its values."""
+def build_layer(num_features: int, *, eps: float, momentum: float | None, affine: bool, state=None, kind: str = "2d"):
+    """An nn.BatchNorm1d/2d/3d with the given parameters and, from a checkpoint layer, its values."""
     import torch
     from torch import nn
 
-    bn = nn.BatchNorm2d(num_features, eps=eps, momentum=momentum, affine=affine)
+    module = {"1d": nn.BatchNorm1d, "2d": nn.BatchNorm2d, "3d": nn.BatchNorm3d}[kind]
+    bn = module(num_features, eps=eps, momentum=momentum, affine=affine)
     if state is not None:
         with torch.no_grad():
             bn.running_mean.copy_(torch.from_numpy(state.running_mean))
@@ -145,11 +183,12 @@ def normalize(
     channels_last: bool = False,
     add_batch_dim: bool = False,
     output: str | os.PathLike | None = None,
+    kind: str | None = None,
 ) -> NormalizeReport:
-    """Apply one BatchNorm2d (fresh, or a checkpoint's layer) to a tensor and report per-channel statistics.
+    """Apply one BatchNorm1d/2d/3d (fresh, or a checkpoint's layer) to a tensor and report per-channel statistics.
 
     `eps` and `momentum` left unset take the checkpoint layer's own (a whole pickled model states them), else
-    PyTorch's defaults."""
+    PyTorch's defaults; kind None: the checkpoint layer's own class when the file names it, else 2d."""
     import torch
 
     from bncli.loading import load_tensor
@@ -174,9 +213,11 @@ def normalize(
             "which use it, are never trained); use --mode eval or an eps > 0"
         )
 
+    if kind is None:
+        kind = kind_of(getattr(state, "class_path", None)) or "2d"
     raw, key_used = load_tensor(input_path, key)
     source = f"{input_path}" + (f"[{key_used}]" if key_used else "")
-    x = validate_input(raw, source, add_batch_dim=add_batch_dim, channels_last=channels_last)
+    x = validate_input(raw, source, add_batch_dim=add_batch_dim, channels_last=channels_last, kind=kind)
 
     # Whatever the layer, an NHWC tensor whose H happens to equal C passes every check and is silently wrong.
     warnings = [hint] if not channels_last and (hint := channels_last_warning(x)) else []
@@ -188,17 +229,17 @@ def normalize(
         num_features = x.shape[1]
         if mode == "eval":
             warnings.append(
-                "eval mode with a fresh BatchNorm2d: the running statistics are the defaults (mean 0, var 1), "
+                f"eval mode with a fresh BatchNorm{kind}: the running statistics are the defaults (mean 0, var 1), "
                 "so the output is only the input scaled by 1/sqrt(1 + eps); pass --checkpoint and --layer for trained ones"
             )
     if mode == "train":
-        check_train_batch(x, source)
+        check_train_batch(x, source, kind)
     if eps == 0:
         check_zero_variance(x.shape[1], state, source)
 
     # float64 inputs get a float64 layer; float16/bfloat16 inputs keep float32 parameters, as under autocast.
     param_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    bn = build_layer(num_features, eps=eps, momentum=momentum, affine=affine, state=state).to(param_dtype)
+    bn = build_layer(num_features, eps=eps, momentum=momentum, affine=affine, state=state, kind=kind).to(param_dtype)
     bn.train(mode == "train")
     with torch.no_grad():
         y, (in_mean, in_std), (out_mean, out_std) = apply_and_measure(bn, x)
@@ -226,6 +267,7 @@ def normalize(
         channels=channels,
         output_path=None if output is None else str(output),
         warnings=tuple(warnings),
+        kind=kind,
         from_layer=tuple(from_layer),
     )
 
@@ -369,8 +411,8 @@ def _write_output(y, output, key: str | None, *, channels_last: bool, add_batch_
 
     from bncli.atomic import write_atomic
 
-    if channels_last:
-        y = y.permute(0, 2, 3, 1)
+    if channels_last and y.dim() >= 3:
+        y = y.permute(0, *range(2, y.dim()), 1)  # (N, C, ...) -> (N, ..., C)
     if add_batch_dim:
         y = y.squeeze(0)
     y = y.contiguous()

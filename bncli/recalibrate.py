@@ -19,18 +19,33 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class CheckResult:
+    """--check: the thresholds, and the layers whose stored statistics the data does not fit (worst first)."""
+
+    max_shift: float
+    max_var_ratio: float
+    failed: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+
+@dataclass(frozen=True)
 class RecalibrateReport:
     checkpoint: str
-    output: str
+    output: str | None  # None with --check: nothing is written
     model: str
     device: str
     world_size: int
-    samples: int  # samples used
-    available: int  # samples in the --data files
+    samples: int | None  # samples used (None: a --loader batch whose size bncli cannot tell)
+    available: int | None  # samples in the --data files (None with --loader)
     batches: int
-    batch_size: int
+    batch_size: int | None  # None with --loader
     unused: tuple[str, ...]  # BatchNorm layers that saw no input: left as they were
-    diff: DiffReport  # before (A) and after (B)
+    diff: DiffReport  # before (A) and after (B); with --check, stored (A) and measured (B), ranked by drift
+    loader: str | None = None  # --loader MODULE:FN
+    check: CheckResult | None = None
 
 
 @dataclass
@@ -208,27 +223,28 @@ def run_model(model, x) -> None:
 # --------------------------------------------------------------------------- the model
 
 
-def load_factory(spec: str) -> Callable[..., Any]:
+def load_factory(spec: str, option: str = "--model") -> Callable[..., Any]:
     """MODULE:FACTORY -> the callable; the current directory is importable, as with `python -m`."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise InputError(f"--model {spec}: expected MODULE:FACTORY, e.g. mypackage.models:resnet18")
+        raise InputError(f"{option} {spec}: expected MODULE:{'FACTORY' if option == '--model' else 'FN'}, e.g. "
+                         f"mypackage.{'models:resnet18' if option == '--model' else 'data:calibration_batches'}")
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise InputError(f"--model {spec}: cannot import {module_name!r} ({exc})") from None
+        raise InputError(f"{option} {spec}: cannot import {module_name!r} ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
-        raise InputError(f"--model {spec}: importing {module_name!r} raised {type(exc).__name__}: {exc}") from None
+        raise InputError(f"{option} {spec}: importing {module_name!r} raised {type(exc).__name__}: {exc}") from None
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise InputError(f"--model {spec}: {module_name!r} has no attribute {attr!r}")
+            raise InputError(f"{option} {spec}: {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise InputError(f"--model {spec}: {attr!r} is not callable")
+        raise InputError(f"{option} {spec}: {attr!r} is not callable")
     return obj
 
 
@@ -384,32 +400,130 @@ def reduce_moments(local: dict[str, Moments], batches: int, samples: int, ctx: D
 # --------------------------------------------------------------------------- the command's core
 
 
+def _refuse(message: str, code: ExitCode = ExitCode.USAGE) -> RankError:
+    """An error found before the process group exists, alike on every rank: only rank 0 says it."""
+    return RankError(message, code, quiet=os.environ.get("RANK", "0") not in ("", "0"))
+
+
+def check_options(*, data, loader, output, check, max_shift, max_var_ratio, batch_size, num_samples, key) -> None:
+    """The settings that cannot work together, refused before any work (exit 2)."""
+    if bool(data) == (loader is not None):
+        raise _refuse("give the calibration data with --data PATH or --loader MODULE:FN (one of them)")
+    if loader is not None:
+        given = [name for name, value in (("--batch-size", batch_size), ("--num-samples", num_samples), ("--key", key))
+                 if value is not None]
+        if given:
+            raise _refuse(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --data files; "
+                          "a --loader yields its own batches")
+    if check and output is not None:
+        raise _refuse("--check writes nothing: use it without --output")
+    if not check and output is None:
+        raise _refuse("--output is required (or --check, to compare the statistics without writing)")
+    if not (max_shift > 0):
+        raise _refuse(f"--max-shift must be greater than 0; got {max_shift:g}")
+    if not (max_var_ratio > 1):
+        raise _refuse(f"--max-var-ratio must be greater than 1 (a ratio r fails when r > it or r < 1/it); got {max_var_ratio:g}")
+
+
+class _Counted:
+    """The --loader's batches, this rank's share (batch i goes to rank i mod K), counting samples where a batch
+    says its size (a tensor, or a tuple/list/dict whose first tensor has one); errors name --loader."""
+
+    def __init__(self, spec: str, iterable, rank: int, world_size: int) -> None:
+        self.spec, self.iterable, self.rank, self.world_size = spec, iterable, rank, world_size
+        self.samples: int | None = 0
+
+    def __iter__(self):
+        try:
+            iterator = iter(self.iterable)
+        except TypeError:
+            raise InputError(f"--loader {self.spec}: returned a {type(self.iterable).__name__}, not an iterable of batches") from None
+        i = 0
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except Exception as exc:  # noqa: BLE001 - the user's loader failed
+                raise InputError(f"--loader {self.spec}: raised {type(exc).__name__} at batch {i}: {first_line(exc)}") from None
+            if i % self.world_size == self.rank:
+                size = _batch_size(batch)
+                self.samples = None if size is None or self.samples is None else self.samples + size
+                yield batch
+            i += 1
+
+
+def _batch_size(batch) -> int | None:
+    import torch
+
+    if isinstance(batch, dict):
+        batch = next(iter(batch.values()), None)
+    elif isinstance(batch, (tuple, list)):
+        batch = batch[0] if batch else None
+    return int(batch.shape[0]) if isinstance(batch, torch.Tensor) and batch.dim() > 0 else None
+
+
+def user_forward(spec: str, moved: bool, device, dtype):
+    """forward(model, batch) from --forward MODULE:FN; --data batches arrive on the device in the model's dtype."""
+    fn = load_factory(spec, "--forward")
+
+    def forward(model, batch):
+        if moved:
+            batch = batch.to(device=device, dtype=dtype)
+        try:
+            fn(model, batch)
+        except Exception as exc:  # noqa: BLE001 - the user's forward (or the model) failed
+            text = first_line(exc)
+            if "Expected more than 1 value per channel" in text:
+                raise InputError(f"--forward {spec}: a batch gives a BatchNorm layer only one value per channel, and "
+                                 "a batch of one value has no variance") from None
+            raise InputError(f"--forward {spec}: raised {type(exc).__name__}: {text}") from None
+
+    return forward
+
+
 def recalibrate(
     checkpoint: str | os.PathLike,
     *,
     model: str,
-    data: list[str | os.PathLike],
-    output: str | os.PathLike,
+    data: list[str | os.PathLike] | None = None,
+    output: str | os.PathLike | None = None,
+    loader: str | None = None,
+    forward: str | None = None,
+    layers: list[str] | None = None,
+    check: bool = False,
+    max_shift: float = 0.5,
+    max_var_ratio: float = 2.0,
     model_kwargs: dict[str, Any] | None = None,
     key: str | None = None,
-    num_samples: int | None = 8192,
-    batch_size: int = 64,
+    num_samples: int | None = None,
+    batch_size: int | None = None,
     device: str = "cpu",
     state: str | None = None,
     strip_prefix: str | None = None,
     progress: bool = False,
     warn: Callable[[str], None] | None = None,
 ) -> RecalibrateReport | None:
-    """Recalibrate CHECKPOINT on the data and write OUTPUT; return the report (None on ranks other than 0)."""
+    """Recalibrate CHECKPOINT on the data and write OUTPUT, or with `check` compare the stored statistics with the
+    data's and write nothing; return the report (None on ranks other than 0).
+
+    The data: `data` files (batches of `batch_size`, default 64, at most `num_samples`, default 8192) or `loader`
+    (MODULE:FN, FN() returning any iterable of batches). `forward` (MODULE:FN) runs one batch; `layers` (globs)
+    picks the BatchNorm layers to re-estimate."""
     import torch
 
     from bncli import calib_data
     from bncli.loading import load_checkpoint
 
+    check_options(data=data, loader=loader, output=output, check=check, max_shift=max_shift,
+                  max_var_ratio=max_var_ratio, batch_size=batch_size, num_samples=num_samples, key=key)
+    if loader is None:
+        batch_size = 64 if batch_size is None else batch_size
+        num_samples = 8192 if num_samples is None else num_samples
     if device == "cuda" and not torch.cuda.is_available():
         # Before the process group exists, so every rank finds this alike: only rank 0 says it.
-        raise RankError("--device cuda: CUDA is not available (no GPU visible, or this torch was built without CUDA)",
-                        ExitCode.INPUT, quiet=os.environ.get("RANK", "0") not in ("", "0"))
+        raise _refuse("--device cuda: CUDA is not available (no GPU visible, or this torch was built without CUDA)",
+                      ExitCode.INPUT)
     ctx = init_distributed(device)
     try:
         run_device = device
@@ -423,20 +537,54 @@ def recalibrate(
             net = build_model(model, model_kwargs)
             load_into(net, ckpt, model)
             net.to(run_device)
-            sources = calib_data.discover(data, key)
-            batches = calib_data.plan(sources, batch_size, num_samples)
-            if not batches:
-                raise InputError(f"{', '.join(str(s.path) for s in sources)}: no samples to calibrate on (N = 0)")
-            mine = batches[ctx.rank :: ctx.world_size]  # batch i goes to rank i mod K: every rank reads only its share
-            local_samples = sum(end - start for b in mine for _, start, end in b)
-            with _progress(progress and ctx.rank == 0, len(mine)) as advance:
-                local, local_batches = population_moments(net, calib_data.iterate(sources, mine), run_device, advance)
-        moments, total_batches, total_samples = reduce_moments(local, local_batches, local_samples, ctx, run_device)
+            chosen = select_modules(net, layers)
+            dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+            run = None if forward is None else user_forward(forward, loader is None, run_device, dtype)
+            if loader is None:
+                sources = calib_data.discover(data, key)
+                planned = calib_data.plan(sources, batch_size, num_samples)
+                if not planned:
+                    raise InputError(f"{', '.join(str(s.path) for s in sources)}: no samples to calibrate on (N = 0)")
+                mine = planned[ctx.rank :: ctx.world_size]  # batch i goes to rank i mod K: every rank reads only its share
+                local_samples = sum(end - start for b in mine for _, start, end in b)
+                batches, total = calib_data.iterate(sources, mine), len(mine)
+                available = sum(s.n for s in sources)
+            else:
+                made = load_factory(loader, "--loader")
+                try:
+                    iterable = made()
+                except Exception as exc:  # noqa: BLE001 - the user's loader failed
+                    raise InputError(f"--loader {loader}: calling it raised {type(exc).__name__}: {first_line(exc)}") from None
+                batches = counted = _Counted(loader, iterable, ctx.rank, ctx.world_size)
+                total, available = None, None
+            with _progress(progress and ctx.rank == 0, total) as advance:
+                local, local_batches = population_moments(net, batches, run_device, advance, forward=run, layers=chosen)
+            if loader is not None:
+                if local_batches == 0 and ctx.world_size == 1:
+                    raise InputError(f"--loader {loader}: yielded no batch")
+                local_samples = counted.samples
+        countable = torch.tensor([0 if local_samples is None else 1], device=run_device)
+        if ctx.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(countable, op=dist.ReduceOp.MIN)  # every rank passes here: the same collectives everywhere
+        moments, total_batches, total_samples = reduce_moments(local, local_batches, local_samples or 0, ctx, run_device)
+        if not int(countable.item()):
+            total_samples = None
         with agreement(ctx, run_device):
+            if total_batches == 0:
+                raise InputError(f"--loader {loader}: yielded no batch")
+            common = dict(model=model, device=device, world_size=ctx.world_size, batch_size=batch_size,
+                          samples=total_samples, available=available, loader=loader, total_batches=total_batches)
+            if check:
+                report = _check_report(ckpt, moments, data, max_shift, max_var_ratio, warn, **common)
+                if ctx.rank == 0:
+                    return report
+                if not report.check.passed:
+                    raise RankError("", ExitCode.FINDINGS, quiet=True)  # every rank exits 1, rank 0 prints
+                return None
             if ctx.rank == 0:
-                return _write_and_report(ckpt, net, moments, sources, total_batches, total_samples, output,
-                                         model=model, device=device, world_size=ctx.world_size,
-                                         batch_size=batch_size, strip_prefix=strip_prefix, warn=warn)
+                return _write_and_report(ckpt, net, moments, output, strip_prefix=strip_prefix, warn=warn, **common)
         return None
     finally:
         if ctx.owned:
@@ -445,17 +593,21 @@ def recalibrate(
             dist.destroy_process_group()
 
 
-def _write_and_report(ckpt, net, moments, sources, total_batches, total_samples, output, *, model, device,
-                      world_size, batch_size, strip_prefix, warn) -> RecalibrateReport:
+def _unused(moments, warn) -> tuple[str, ...]:
+    unused = tuple(n for n, m in moments.items() if m.count == 0)
+    for name in unused:
+        if warn is not None:
+            warn(f"{name}: received no input from the model's forward pass; its statistics are left as they were")
+    return unused
+
+
+def _write_and_report(ckpt, net, moments, output, *, total_batches, strip_prefix, warn, **common) -> RecalibrateReport:
     """Rank 0's part: write the new statistics and diff what was written against what was there."""
     from bncli.diff import diff_layers
     from bncli.loading import load_checkpoint
 
     modules = dict(batchnorm_modules(net))
-    unused = tuple(n for n, m in moments.items() if m.count == 0)
-    for name in unused:
-        if warn is not None:
-            warn(f"{name}: received no input from the model's forward pass; its statistics are left as they were")
+    unused = _unused(moments, warn)
     updates = {}
     for name, m in moments.items():
         if m.count == 0:
@@ -478,19 +630,47 @@ def _write_and_report(ckpt, net, moments, sources, total_batches, total_samples,
         prefix_a=prov.prefix,
         prefix_b=written.provenance.prefix,
     )
-    return RecalibrateReport(
-        checkpoint=ckpt.provenance.path,
-        output=str(output),
-        model=model,
-        device=device,
-        world_size=world_size,
-        samples=total_samples,
-        available=sum(s.n for s in sources),
-        batches=total_batches,
-        batch_size=batch_size,
-        unused=unused,
-        diff=report,
-    )
+    return RecalibrateReport(checkpoint=prov.path, output=str(output), batches=total_batches, unused=unused,
+                             diff=report, **common)
+
+
+def drift_score(layer, max_shift: float, max_var_ratio: float) -> float:
+    """How far a layer is from fitting the data, in units of its thresholds (> 1 fails): the larger of
+    max shift / --max-shift and |log var ratio| / log --max-var-ratio; inf for NaN or an impossible ratio."""
+    import math
+
+    values = (layer.max_shift, layer.var_ratio_min, layer.var_ratio_max)
+    if any(v is None or v != v for v in values) or layer.var_ratio_min <= 0:
+        return math.inf
+    log_ratio = max(abs(math.log(layer.var_ratio_min)), abs(math.log(layer.var_ratio_max))) if layer.var_ratio_max > 0 else math.inf
+    return max(layer.max_shift / max_shift, log_ratio / math.log(max_var_ratio))
+
+
+def _check_report(ckpt, moments, data, max_shift, max_var_ratio, warn, *, total_batches, **common) -> RecalibrateReport:
+    """--check: the stored statistics (A) against the data's population statistics (B), worst layer first."""
+    import dataclasses
+
+    from bncli.diff import diff_layers
+    from bncli.layers import BNLayer
+
+    unused = _unused(moments, warn)
+    stored = {bn.name: bn for bn in bn_layers(ckpt)}
+    before, measured = [], []
+    for name, m in moments.items():
+        if m.count == 0 or name not in stored:
+            continue
+        old = stored[name]
+        before.append(old)
+        measured.append(BNLayer(name, m.mean.cpu().numpy(), m.var.cpu().numpy(), old.weight, old.bias, None, "float64"))
+    source = f"--loader {common['loader']}" if common["loader"] else "--data " + " ".join(str(d) for d in data)
+    prov = ckpt.provenance
+    report = diff_layers(before, measured, path_a=prov.path, path_b=f"measured on {source}", prefix_a=prov.prefix)
+    scores = {x.name: drift_score(x, max_shift, max_var_ratio) for x in report.layers}
+    ranked = tuple(sorted(report.layers, key=lambda x: -scores[x.name]))  # stable: file order among equals
+    report = dataclasses.replace(report, layers=ranked)
+    failed = tuple(x.name for x in ranked if scores[x.name] > 1)
+    return RecalibrateReport(checkpoint=prov.path, output=None, batches=total_batches, unused=unused, diff=report,
+                             check=CheckResult(max_shift, max_var_ratio, failed), **common)
 
 
 def bn_layers(ckpt) -> list:

@@ -141,9 +141,10 @@ class NormalizeReport:
     eps: float
     momentum: float | None  # None: cumulative moving average
     affine: bool
-    layer_source: str | None  # "CKPT:LAYER", or None for a fresh BatchNorm2d(C)
+    layer_source: str | None  # "CKPT:LAYER", or None for a fresh BatchNorm{kind}(C)
     channels_last: bool
     channels: tuple[ChannelStats, ...]
     output_path: str | None
     warnings: tuple[str, ...] = ()
+    kind: str = "2d"  # the layer: BatchNorm1d, 2d or 3d
     from_layer: tuple[str, ...] = ()  # settings taken from a whole pickled model's layer: "eps", "momentum"

@@ -532,7 +532,7 @@ def check_default_channels(layer: BNLayer, t: Thresholds) -> Hits:
         '`|weight|/sqrt(running_var + eps)`. The rule reports the largest of these scales, how many times the '
         "layer's median it is, and the channels above `--max-fold-spread` times the median or above float16's "
         'largest value 65504. Dead channels (scale 0, BN005) and invalid statistics (BN001, BN002) are left out of '
-        'the median.'
+        "the median. eps is the layer's own where the file stores it (a whole pickled model), else `--eps`."
     ),
     why=(
         'Per-tensor int8 quantization after folding spends its 255 levels on the largest weights: with one channel '

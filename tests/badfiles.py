@@ -74,3 +74,31 @@ def safetensors(header: dict, payload: bytes = b"", header_len: int | None = Non
 
 def f32(values) -> bytes:
     return struct.pack(f"<{len(values)}f", *values)
+
+
+def eocd(data: bytes) -> int:
+    return data.rindex(b"PK\x05\x06")
+
+
+def shift_directory(data: bytes, by: int) -> bytes:
+    """The directory offset in the end record moved by `by` (the directory itself left where it is)."""
+    out = bytearray(data)
+    pos = eocd(data)
+    (offset,) = struct.unpack_from("<I", out, pos + 16)
+    struct.pack_into("<I", out, pos + 16, offset + by)
+    return bytes(out)
+
+
+def relocate(data: bytes, by: int) -> bytes:
+    """Every offset in the directory and end record moved by `by`, as `zip -A` does for a prefixed archive."""
+    out = bytearray(data)
+    pos = eocd(data)
+    count, cd_size, cd_offset = struct.unpack_from("<HII", out, pos + 10)
+    p = cd_offset
+    for _ in range(count):
+        nlen, xlen, clen = struct.unpack_from("<HHH", out, p + 28)
+        (lho,) = struct.unpack_from("<I", out, p + 42)
+        struct.pack_into("<I", out, p + 42, lho + by)
+        p += 46 + nlen + xlen + clen
+    struct.pack_into("<I", out, pos + 16, cd_offset + by)
+    return bytes(out)

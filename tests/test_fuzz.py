@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from badfiles import fix_crc, record
+from badfiles import eocd, fix_crc, record, relocate
 from conftest import bn_state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
 
-from bncli.errors import BncliError
+from bncli.errors import BncliError, InputError
 from bncli.layers import find_layers, read_layer
 from bncli.loading import load_checkpoint, load_tensor
 
@@ -110,6 +111,48 @@ def test_lying_pickles_raise_only_bncli_errors():
     @given(lying_pickle())
     def run(data):
         _exercise(data)
+
+    run()
+
+
+@st.composite
+def odd_layout(draw):
+    """A sound torch.save archive placed oddly: after a prefix (offsets relocated or not), before appended data, or
+    as the second of two concatenated archives. Python's zipfile reads most of these; torch's reader would not."""
+    seed = SEEDS["zip"]
+    kind = draw(st.sampled_from(["prefix", "prefix-relocated", "append", "concatenated", "concatenated-relocated"]))
+    junk = draw(st.binary(min_size=1, max_size=200))
+    if kind == "prefix":
+        return junk + seed
+    if kind == "prefix-relocated":
+        return junk + relocate_zip64(seed, len(junk))
+    if kind == "append":
+        return seed + junk
+    if kind == "concatenated":
+        return seed + seed
+    return seed + relocate_zip64(seed, len(seed))
+
+
+def relocate_zip64(data: bytes, by: int) -> bytes:
+    """Every offset of a torch.save archive (which always writes zip64 end records) moved by `by`."""
+    out = bytearray(relocate(data, by))
+    loc = eocd(data) - 20
+    (z_offset,) = struct.unpack_from("<Q", out, loc + 8)
+    struct.pack_into("<Q", out, loc + 8, z_offset + by)
+    (cd_offset,) = struct.unpack_from("<Q", out, z_offset + 48)
+    struct.pack_into("<Q", out, z_offset + 48, cd_offset + by)
+    return bytes(out)
+
+
+def test_prefixed_and_concatenated_archives_are_refused():
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 40, suppress_health_check=list(HealthCheck))
+    @given(odd_layout())
+    def run(data):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "odd.pt"
+            path.write_bytes(data)
+            with pytest.raises(InputError):
+                load_checkpoint(path)
 
     run()
 

@@ -361,3 +361,122 @@ def test_json_says_which_non_finite(cli, tmp_path):
         assert all(entry[k] is None for k in expected)
     assert channels[0]["non_finite"]["input_mean"] == "inf" and channels[2]["non_finite"]["input_mean"] == "-inf"
     assert "non_finite" not in channels[1]
+
+
+# --------------------------------------------------------------------------- --kind 1d | 2d | 3d
+
+
+KIND_SHAPES = [("1d", (16, 5)), ("1d", (6, 5, 7)), ("2d", (4, 5, 3, 6)), ("3d", (3, 5, 2, 3, 4))]
+MODULES = {"1d": nn.BatchNorm1d, "2d": nn.BatchNorm2d, "3d": nn.BatchNorm3d}
+
+
+def _kind_case(tmp_path, kind, shape, mean=1.5, std=2.0, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * std + mean).float()
+    sd = bn_state(shape[1], "bn", seed=seed)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(sd, tmp_path / "m.pt")
+    module = MODULES[kind](shape[1])
+    module.load_state_dict({k.removeprefix("bn."): v for k, v in sd.items()})
+    return x, module
+
+
+@pytest.mark.parametrize(("kind", "shape"), KIND_SHAPES)
+def test_kind_eval_is_the_module_bit_for_bit(tmp_path, kind, shape):
+    x, module = _kind_case(tmp_path, kind, shape)
+    report = normalize(tmp_path / "x.pt", mode="eval", kind=kind, checkpoint=tmp_path / "m.pt", layer="bn",
+                       output=tmp_path / "y.pt")
+    with torch.no_grad():
+        expected = module.eval()(x)
+    assert torch.equal(torch.load(tmp_path / "y.pt", weights_only=True), expected)
+    assert report.kind == kind
+    dims = [d for d in range(x.dim()) if d != 1]
+    x64 = x.double()
+    assert [c.input_mean for c in report.channels] == pytest.approx(x64.mean(dims).tolist(), rel=1e-6, abs=1e-6)
+    assert [c.input_std for c in report.channels] == pytest.approx(x64.std(dims).tolist(), rel=1e-6)
+
+
+@pytest.mark.parametrize(("kind", "shape"), KIND_SHAPES)
+@pytest.mark.parametrize("mean", [1.5, 1e4])
+def test_kind_train_is_as_close_to_float64_as_the_module(tmp_path, kind, shape, mean):
+    x, module = _kind_case(tmp_path, kind, shape, mean=mean, std=2.0 if mean < 100 else 1e-2)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    report = normalize(tmp_path / "x.pt", kind=kind, checkpoint=tmp_path / "m.pt", layer="bn", output=tmp_path / "y.pt")
+    y = torch.load(tmp_path / "y.pt", weights_only=True)
+    with torch.no_grad():
+        y_torch = module.train()(x)
+    x64 = x.double()
+    dims = [d for d in range(x.dim()) if d != 1]
+    view = (1, -1, *[1] * (x.dim() - 2))
+    m, vb, vu = x64.mean(dims), x64.var(dims, correction=0), x64.var(dims, correction=1)
+    y64 = (x64 - m.view(view)) / (vb.view(view) + 1e-5).sqrt() * state["weight"].double().view(view) \
+        + state["bias"].double().view(view)
+    assert (y.double() - y64).abs().max() <= (y_torch.double() - y64).abs().max()
+    exact_var = 0.9 * state["running_var"].double() + 0.1 * vu
+    assert _ulps(torch.tensor([c.running_var for c in report.channels]), exact_var.float()) <= 1
+    exact_mean = 0.9 * state["running_mean"].double() + 0.1 * m
+    assert _ulps(torch.tensor([c.running_mean for c in report.channels]), exact_mean.float()) <= 1
+
+
+def test_kind_defaults_to_the_class_a_whole_model_names(cli, tmp_path):
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    with torch.no_grad():
+        model[1].running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        model[1].running_var.copy_(torch.tensor([2.0, 0.5, 1.5]))
+    torch.save(model, tmp_path / "whole.pt")  # the pickle names torch.nn.modules.batchnorm.BatchNorm1d
+    x = torch.randn(10, 3)
+    torch.save(x, tmp_path / "x.pt")
+    result = cli("normalize", tmp_path / "x.pt", "--mode", "eval", "-c", tmp_path / "whole.pt", "-l", "1",
+                 "-o", tmp_path / "y.pt", "--format", "json")
+    assert result.exit_code == 0, result
+    assert json.loads(result.stdout)["kind"] == "1d"
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "y.pt", weights_only=True), model[1].eval()(x))
+    # A state dict does not say: 2d, whose hint names the right --kind.
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    plain = cli("normalize", tmp_path / "x.pt", "--mode", "eval", "-c", tmp_path / "sd.pt", "-l", "1")
+    assert plain.exit_code == 3 and "pass --kind 1d" in plain.stderr
+
+
+@pytest.mark.parametrize(("shape", "hint"), [
+    ((8, 3), "expected a 4-D tensor (N, C, H, W) for BatchNorm2d; got shape (8, 3): BatchNorm1d takes (N, C) or "
+             "(N, C, L): pass --kind 1d"),
+    ((3, 32, 32), "expected a 4-D tensor (N, C, H, W) for BatchNorm2d; got shape (3, 32, 32): BatchNorm1d takes "
+                  "(N, C) or (N, C, L): pass --kind 1d; or a single sample (C, H, W)? add a batch dimension with "
+                  "--add-batch-dim"),
+    ((2, 3, 4, 4, 4), "expected a 4-D tensor (N, C, H, W) for BatchNorm2d; got shape (2, 3, 4, 4, 4): BatchNorm3d "
+                      "takes (N, C, D, H, W): pass --kind 3d"),
+])
+def test_2d_hints_name_the_right_kind(cli, tmp_path, shape, hint):
+    torch.save(torch.randn(shape), tmp_path / "x.pt")
+    result = cli("normalize", tmp_path / "x.pt")
+    assert result.exit_code == 3
+    assert result.stderr == f"error: {tmp_path / 'x.pt'}: {hint}\n"
+    kind = {2: "1d", 3: "1d", 5: "3d"}[len(shape)]
+    fixed = cli("normalize", tmp_path / "x.pt", "--kind", kind)
+    assert fixed.exit_code == 0, fixed
+    assert f"a fresh BatchNorm{kind}" in fixed.stdout
+
+
+def test_kind_1d_and_3d_hints_and_layouts(cli, tmp_path):
+    torch.save(torch.randn(2, 3, 4, 4), tmp_path / "x4.pt")
+    wrong = cli("normalize", tmp_path / "x4.pt", "--kind", "1d")
+    assert wrong.exit_code == 3 and "expected a 2-D or 3-D tensor (N, C) or (N, C, L) for BatchNorm1d" in wrong.stderr
+    assert "pass --kind 2d" in wrong.stderr
+    three = cli("normalize", tmp_path / "x4.pt", "--kind", "3d")
+    assert three.exit_code == 3 and "pass --kind 2d" in three.stderr and "single sample (C, D, H, W)" in three.stderr
+    # (N, L, C) with --channels-last is (N, C, L), and the output keeps the input's layout
+    x = torch.randn(6, 7, 3)
+    torch.save(x, tmp_path / "nlc.pt")
+    result = cli("normalize", tmp_path / "nlc.pt", "--kind", "1d", "--channels-last", "-o", tmp_path / "y.pt")
+    assert result.exit_code == 0, result
+    with torch.no_grad():
+        expected = nn.BatchNorm1d(3).train()(x.permute(0, 2, 1)).permute(0, 2, 1)
+    y = torch.load(tmp_path / "y.pt", weights_only=True)
+    assert y.shape == x.shape and torch.allclose(y, expected, atol=1e-6)
+    one = cli("normalize", tmp_path / "nlc.pt", "--kind", "3d", "--add-batch-dim", "--mode", "eval")
+    assert one.exit_code == 3 and "--add-batch-dim expects a 4-D tensor (C, D, H, W)" in one.stderr
+    single = torch.randn(1, 3)
+    torch.save(single, tmp_path / "one.pt")
+    refused = cli("normalize", tmp_path / "one.pt", "--kind", "1d")
+    assert refused.exit_code == 3 and "gives N = 1" in refused.stderr

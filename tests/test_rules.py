@@ -465,3 +465,15 @@ def test_select_and_ignore_leaving_no_rule_is_a_usage_error(cli):
     result = cli("inspect", SAMPLES / "model_defects.pt", "--select", "never-updated", "--ignore", "BN003")
     assert result.exit_code == 2
     assert result.stderr == "error: --select and --ignore leave no rule to run\n"
+
+
+def test_a_layer_that_knows_its_eps_uses_it_over_the_option():
+    """A whole pickled model stores each layer's eps: BN004 and BN015 use it, --eps only for layers without one."""
+    import dataclasses
+
+    bn = layer(var=[1.0, 1.0, 0.0, 1.0], weight=None, bias=None)
+    assert [f.channels for f in hits(bn, "BN015")] == [(2,)]  # 1/sqrt(1e-5): 316x the median
+    own = dataclasses.replace(bn, eps=1e-3)
+    assert hits(own, "BN015") == []  # 1/sqrt(1e-3): 31.6x
+    assert hits(own, "BN015", Thresholds(eps=1e-7)) == []  # the layer's own eps wins
+    assert "eps=0.001" in hits(own, "BN004", Thresholds(min_var=1e-2))[0].message

@@ -78,3 +78,13 @@ def test_a_key_missing_from_the_schema_is_caught():
     payload = json.loads(json.dumps({"schema_version": 1, "rules": []}))
     payload["surprise"] = 1
     assert validate(payload, SCHEMAS["rules"], closed=True) != []
+
+
+def test_normalize_kind_and_non_finite_match_the_schema(cli, tmp_path):
+    import torch
+
+    x = torch.randn(6, 3)
+    x[0, 1] = float("inf")
+    torch.save(x, tmp_path / "x.pt")
+    payload = check("normalize", cli("normalize", tmp_path / "x.pt", "--kind", "1d", "-f", "json").stdout)
+    assert payload["kind"] == "1d" and payload["channels"][1]["non_finite"]["input_mean"] == "inf"

@@ -1,4 +1,4 @@
-"""`bncli normalize`: apply BatchNorm2d to a tensor and show per-channel statistics before and after."""
+"""`bncli normalize`: apply BatchNorm1d/2d/3d to a tensor and show per-channel statistics before and after."""
 
 from __future__ import annotations
 
@@ -24,6 +24,12 @@ class Mode(str, enum.Enum):
     EVAL = "eval"
 
 
+class Kind(str, enum.Enum):
+    ONE = "1d"
+    TWO = "2d"
+    THREE = "3d"
+
+
 def parse_momentum(value: str | float | None) -> float | None:
     if value is None or str(value).lower() in ("none", "cumulative"):
         return None
@@ -39,7 +45,8 @@ def parse_momentum(value: str | float | None) -> float | None:
 def run(
     ctx: typer.Context,
     input: Annotated[
-        Path, typer.Argument(help="Tensor file (N, C, H, W): .pt/.pth, .safetensors, .npy or .npz.", show_default=False, metavar="TENSOR")
+        Path, typer.Argument(help="Tensor file (N, C, H, W), or as --kind says: .pt/.pth, .safetensors, .npy or .npz.",
+                             show_default=False, metavar="TENSOR")
     ],
     mode: Annotated[
         Mode,
@@ -59,12 +66,24 @@ def run(
     layer: Annotated[Optional[str], typer.Option("--layer", "-l", help="Name of the BatchNorm layer in --checkpoint.")] = None,
     key: Annotated[Optional[str], typer.Option("--key", "-k", help="Which tensor, when the file holds several.")] = None,
     channels_last: Annotated[
-        bool, typer.Option("--channels-last", help="The input is (N, H, W, C) (NHWC, as TensorFlow/Keras store it).")
+        bool, typer.Option("--channels-last", help="The input is (N, H, W, C) (NHWC, as TensorFlow/Keras store it; "
+                           "(N, L, C), (N, D, H, W, C) with --kind).")
     ] = False,
-    add_batch_dim: Annotated[bool, typer.Option("--add-batch-dim", help="The input is one (C, H, W) image: add N=1.")] = False,
+    add_batch_dim: Annotated[
+        bool, typer.Option("--add-batch-dim", help="The input is one sample, (C, H, W) (or (C, L), (C, D, H, W)): add N=1.")
+    ] = False,
     output: Annotated[
         Optional[Path],
         typer.Option("--output", "-o", help="Write the normalized tensor here (.pt or .safetensors), in the input's layout."),
+    ] = None,
+    kind: Annotated[
+        Optional[Kind],
+        typer.Option(
+            "--kind",
+            help="The layer: BatchNorm1d takes (N, C) or (N, C, L), 2d (N, C, H, W), 3d (N, C, D, H, W). "
+            "Default: the checkpoint layer's class when the file names it, else 2d.",
+            show_default=False,
+        ),
     ] = None,
     fmt: Annotated[Format, format_option("normalize")] = Format.TABLE,
     wide: Annotated[
@@ -72,9 +91,10 @@ def run(
     ] = False,
     output_file: Annotated[Optional[Path], output_file_option(short=False)] = None,
 ) -> None:
-    """Apply BatchNorm2d to a tensor in train or eval mode; print per-channel mean/std before and after.
+    """Apply BatchNorm2d (or 1d/3d with --kind) to a tensor in train or eval mode; print per-channel mean/std
+    before and after.
 
-    Eval mode is nn.BatchNorm2d bit for bit; float32 train mode computes each output in float64 and rounds it once,
+    Eval mode is nn.BatchNorm1d/2d/3d bit for bit; float32 train mode computes each output in float64 and rounds it once,
     at least as close to the float64 result as nn.BatchNorm2d. std is computed as torch.Tensor.std does (correction=1).
     In train mode the table also shows the running statistics after the update.
     """
@@ -107,6 +127,7 @@ def run(
         channels_last=channels_last,
         add_batch_dim=add_batch_dim,
         output=output,
+        kind=None if kind is None else kind.value,
     )
     for message in report.warnings:
         warn(message)

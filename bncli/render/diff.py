@@ -256,17 +256,34 @@ def diff_markdown(report: DiffReport) -> str:
 
 def recalibrate_lines(report) -> list[str]:
     ranks = f" on {report.world_size} processes" if report.world_size > 1 else ""
-    used = f"{report.samples} samples"
-    if report.samples != report.available:
-        used = f"{report.samples} of {report.available} samples"
-    lines = [
-        f"recalibrated {report.checkpoint} with --model {report.model}",
-        f"on {used} in {report.batches} batch{'es' if report.batches != 1 else ''} of up to {report.batch_size} "
-        f"({report.device}{ranks}); wrote {report.output}",
-    ]
+    batches = f"{report.batches} batch{'es' if report.batches != 1 else ''}"
+    if report.loader is not None:
+        counted = "" if report.samples is None else f"{report.samples} samples in "
+        used = f"on {counted}{batches} from --loader {report.loader}"
+    else:
+        samples = f"{report.samples} samples"
+        if report.samples != report.available:
+            samples = f"{report.samples} of {report.available} samples"
+        used = f"on {samples} in {batches} of up to {report.batch_size}"
+    if report.check is None:
+        lines = [f"recalibrated {report.checkpoint} with --model {report.model}",
+                 f"{used} ({report.device}{ranks}); wrote {report.output}"]
+    else:
+        lines = [f"checked {report.checkpoint} with --model {report.model}",
+                 f"{used} ({report.device}{ranks}); no checkpoint written", check_line(report.check)]
     if report.unused:
-        lines.append(f"left unchanged (no input reached them): {', '.join(report.unused)}")
+        what = "not measured" if report.check is not None else "left unchanged"
+        lines.append(f"{what} (no input reached them): {', '.join(report.unused)}")
     return lines
+
+
+def check_line(check) -> str:
+    limits = f"max mean shift {check.max_shift:g}, var ratio within 1/{check.max_var_ratio:g}..{check.max_var_ratio:g}"
+    if check.passed:
+        return f"check passed: every layer's stored statistics fit the data ({limits})"
+    n = len(check.failed)
+    shown = ", ".join(check.failed[:10]) + (f", ... ({n} in all)" if n > 10 else "")
+    return f"check failed: {n} layer{'s' if n != 1 else ''} beyond {limits}: {shown}"
 
 
 def recalibrate_table(report) -> RenderableType:
@@ -286,7 +303,12 @@ def recalibrate_json(report) -> str:
             "available": report.available,
             "batches": report.batches,
             "batch_size": report.batch_size,
+            "loader": report.loader,
             "unused": list(report.unused),
+            "check": None if report.check is None else {
+                "max_shift": report.check.max_shift, "max_var_ratio": report.check.max_var_ratio,
+                "passed": report.check.passed, "failed": list(report.check.failed),
+            },
             "diff": diff_payload(report.diff),
         }
     )
@@ -327,5 +349,14 @@ def diff_github(report: DiffReport) -> str:
 
 
 def recalibrate_github(report) -> str:
-    plain = (no_command_lines(terminal(line)) for line in recalibrate_lines(report))  # lines, not commands
-    return "\n".join([*plain, diff_github(report.diff)])
+    plain = [no_command_lines(terminal(line)) for line in recalibrate_lines(report)]  # lines, not commands
+    if report.check is None:
+        return "\n".join([*plain, diff_github(report.diff)])
+    failed = set(report.check.failed)  # --check: an ::error on the checkpoint for each layer the data does not fit
+    errors = [
+        command("error", f"{x.name}: max mean shift {fmt(x.max_shift)}, var ratio {fmt(x.var_ratio_min)}.."
+                f"{fmt(x.var_ratio_max)}: the stored statistics do not fit the data", file=report.checkpoint,
+                title="bncli recalibrate --check")
+        for x in report.diff.layers if x.name in failed
+    ]
+    return "\n".join([*plain, *errors])

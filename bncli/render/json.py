@@ -111,6 +111,7 @@ def normalize_json(report: NormalizeReport) -> str:
             "schema_version": SCHEMA_VERSION,
             "input": {"path": report.input_path, "key": report.input_key, "shape": list(report.shape), "dtype": report.dtype},
             "mode": report.mode,
+            "kind": report.kind,
             "eps": report.eps,
             "momentum": report.momentum,
             "from_layer": list(report.from_layer),  # which of eps, momentum are the checkpoint layer's own

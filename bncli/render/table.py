@@ -148,7 +148,9 @@ def _own(setting: str, report: NormalizeReport) -> str:
 
 
 def normalize_table(report: NormalizeReport) -> RenderableType:
-    layer = f"layer {report.layer_source}" if report.layer_source else "a fresh BatchNorm2d"
+    layer = f"layer {report.layer_source}" if report.layer_source else f"a fresh BatchNorm{report.kind}"
+    if report.layer_source and report.kind != "2d":
+        layer += f" (BatchNorm{report.kind})"
     momentum = "cumulative" if report.momentum is None else f"{report.momentum:g}"
     shape = "(" + ", ".join(str(d) for d in report.shape) + ")"
     source = report.input_path + (f"[{report.input_key}]" if report.input_key else "")
