@@ -149,3 +149,22 @@ def test_counters_go_to_the_logger(tmp_path):
     last = [r for r in rows if r.get("bncli/updates/stem")][-1]
     assert (float(last["bncli/updates/stem"]), float(last["bncli/updates/block1.1"])) == (4.0, 8.0)  # 2 epochs x 2 batches
     assert float(last["bncli/events"]) == 1.0
+
+
+def test_negative_variance_written_in_place_is_bn002(tmp_path):
+    L = package("lightning.pytorch")
+    from bncli.lightning import BatchNormWatch
+
+    module = make_module(L)
+    original = module.training_step
+
+    def training_step(batch, *args):
+        if module.global_step == 2:
+            with torch.no_grad():
+                module.block0[1].running_var[3] = -1.0  # a buffer written in place (a bad EMA or conversion)
+        return original(batch, *args)
+
+    module.training_step = training_step
+    events = []
+    trainer(L, BatchNormWatch(on_defect=events.append), default_root_dir=tmp_path).fit(module, loader())
+    assert [(e.rule, e.layer, e.step, e.channels) for e in events] == [("BN002", "block0.1", 2, (3,))]
