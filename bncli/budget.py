@@ -27,8 +27,9 @@ MAX_ZIP_DIRECTORY_BYTES = 100_000_000
 # torch lists record names through a 512-byte buffer (miniz's MZ_ZIP_MAX_ARCHIVE_FILENAME_SIZE): a longer name would
 # be cut short there and read whole elsewhere.
 MAX_ZIP_NAME_BYTES = 511
-# Opcodes of one pickle: each is at least one byte, and a real state dict needs a few per tensor.
-MAX_PICKLE_OPS = 50_000_000
+# Opcodes of one pickle (and the items hashed): each opcode is at least one byte, a real state dict needs a few per
+# tensor, and bncli's machine runs about a microsecond per opcode, so this bounds a pickle to seconds.
+MAX_PICKLE_OPS = 10_000_000
 # Items reachable from one container built from memo references, counted with repeats (a tuple DAG whose
 # levels each refer to the level below twice has 2**depth leaves from a few bytes per level).
 MAX_EXPANDED_ITEMS = 10_000_000

@@ -133,6 +133,8 @@ def read_layer(ckpt: Checkpoint, keys: LayerKeys) -> BNLayer:
             arrays[field] = None
             continue
         dtype = ckpt.dtype(key)
+        if dtype == "unreadable":
+            ckpt.read(key)  # raises the input error that says what kind of tensor it is
         if dtype not in FLOAT_DTYPES:
             raise InputError(
                 f"{path}: {key} has dtype {dtype}; BatchNorm parameters and statistics must be "
@@ -164,5 +166,6 @@ def _count(ckpt: Checkpoint, key: str | None) -> int | None:
         raise InputError(f"{ckpt.provenance.path}: {key} has shape {tuple(array.shape)}; expected a single count")
     value = array.reshape(())
     if value.dtype.kind not in "iuf" or value != value or abs(float(value)) == float("inf"):
-        raise InputError(f"{ckpt.provenance.path}: {key} is {value.item()!r}; expected an integer count")
+        shown = repr(value.item()) if value.dtype.kind in "iufcb" else f"a {value.dtype} value"
+        raise InputError(f"{ckpt.provenance.path}: {key} is {shown}; expected an integer count")
     return int(value)

@@ -102,7 +102,40 @@ def sniff(path: Path) -> str:
         )
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
-    raise InputError(f"{show(path)}: not a checkpoint bncli can read (looks like: {_describe(head)})")
+    prefix = _zip_prefix(path, size)
+    if prefix is None:
+        looks = _describe(head)
+    else:
+        looks = f"zip archive with {prefix} byte{'s' if prefix != 1 else ''} of other data before it, which torch.load cannot read either"
+    raise InputError(f"{show(path)}: not a checkpoint bncli can read (looks like: {looks})")
+
+
+def _zip_prefix(path: Path, size: int) -> int | None:
+    """How many bytes precede a zip archive at the end of the file (a prefixed or self-extracting archive), or None.
+
+    Only a guess for the message: the end record's directory is looked for where Python's zipfile would find it.
+    """
+    import struct
+
+    tail_start = max(0, size - 22 - 0xFFFF)
+    try:
+        with path.open("rb") as fh:
+            fh.seek(tail_start)
+            tail = fh.read()
+            pos = tail.rfind(b"PK\x05\x06", 0, max(0, len(tail) - 18))
+            if pos < 0:
+                return None
+            cd_size, cd_offset = struct.unpack_from("<II", tail, pos + 12)
+            end = tail_start + pos - (76 if tail[pos - 20 : pos - 16] == b"PK\x06\x07" else 0)
+            shift = end - cd_size - cd_offset
+            fh.seek(cd_offset + max(shift, 0))
+            entry = fh.read(46)
+    except (OSError, struct.error):
+        return None
+    if len(entry) < 46 or not entry.startswith(b"PK\x01\x02"):
+        return None
+    first = struct.unpack_from("<I", entry, 42)[0] + max(shift, 0)  # the first entry's local header
+    return first if first > 0 else None
 
 
 def _format_of(head: bytes) -> str | None:
@@ -197,6 +230,9 @@ def _as_text(head: bytes) -> str | None:
 
 
 # --------------------------------------------------------------------------- checkpoints
+
+
+UNREADABLE = "unreadable"  # the dtype of a tensor bncli does not read (Checkpoint.read says why)
 
 
 class Checkpoint(Mapping[str, Any]):
@@ -503,6 +539,10 @@ def _utf8_name(path: Path) -> bool:
 class _TorchReader:
     @staticmethod
     def dtype(value: Any) -> str:
+        from bncli.formats.tensors import OpaqueTensor
+
+        if isinstance(value, OpaqueTensor):
+            return UNREADABLE
         if hasattr(value, "dtype"):
             return str(value.dtype).removeprefix("torch.")
         return "float64" if isinstance(value, float) else "int64"
@@ -524,6 +564,9 @@ class _TorchReader:
             if value.dtype == torch.bfloat16:
                 value = value.float()  # numpy has no bfloat16
             value = value.numpy()
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            # numpy would make an object array of it (and a 5000-digit int cannot even be printed)
+            raise ValueError(f"a plain integer of {value.bit_length()} bits, beyond int64")
         array = np.array(value)
         # float16 widened exactly: statistics computed in float16 would underflow below eps
         return array.astype(np.float32) if array.dtype == np.float16 else array

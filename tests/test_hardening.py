@@ -223,3 +223,32 @@ def test_peak_memory_of_a_normal_load_is_modest(tmp_path):
         ckpt = load_checkpoint(SAMPLES / "model.pt")
         [ckpt.read(k) for k in ckpt]
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000
+
+
+def test_reused_tuple_keys_are_checked_once(tmp_path):
+    """A 64x64 tuple key reused from the memo by 20,000 dicts: each use costs its length, not a re-walk."""
+    inner = b"(" + b"N" * 64 + b"tr\x00\x00\x01\x000"
+    outer = b"(" + b"j\x00\x00\x01\x00" * 64 + b"tr\x01\x00\x01\x00"
+    flood = inner + outer + b"0" + b"}j\x01\x00\x01\x00Ns0" * 20000
+    buf = io.BytesIO()
+    torch.save(bn_state(4), buf)
+    pkl = None
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as zf:
+        pkl = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
+    path = zip_with_pickle(tmp_path / "flood.pt", pkl[:2] + flood + pkl[2:])
+    code, stderr, _ = _run_bounded(path)  # the subprocess timeout (60 s) is the hang detector; it takes ~1 s
+    assert code == 0, stderr
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_integers_too_long_to_print_are_input_errors(tmp_path, cli, legacy):
+    """num_batches_tracked = 10**5000 (torch.load reads it): one error line, exit 3, in every format and command."""
+    sd = bn_state(4)
+    sd["bn.num_batches_tracked"] = 10**5000
+    path = tmp_path / "big.pt"
+    torch.save(sd, path, _use_new_zipfile_serialization=not legacy)
+    for args in (("inspect", path), ("inspect", path, "--format", "json"), ("inspect", path, "--layer", "bn"),
+                 ("diff", path, path)):
+        result = cli(*args)
+        assert result.exit_code == 3, (args, result)
+        assert "beyond int64" in result.stderr and result.stderr.count("\n") == 1, result

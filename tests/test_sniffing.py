@@ -86,3 +86,21 @@ def test_eio_while_reading_the_first_bytes_is_one_error_line_exit_3(tmp_path, mo
     assert result.exit_code == 3
     assert result.stderr == f"error: {path}: cannot read: Input/output error\n"
     assert "(1 unreadable)" in result.stdout
+
+
+def test_a_zip_archive_with_data_before_it_is_named(tmp_path):
+    """torch.save's bytes after a prefix (a shell stub, a second file): say so, with or without relocated offsets."""
+    import io
+
+    import torch
+    from badfiles import relocate
+
+    buf = io.BytesIO()
+    torch.save({"bn.running_var": torch.ones(3)}, buf)
+    for name, data in [("prefixed", b"#!/bin/sh\n" * 10 + buf.getvalue()), ("relocated", b"\0" * 100 + relocate(buf.getvalue(), 100))]:
+        path = tmp_path / f"{name}.pt"
+        path.write_bytes(data)
+        assert _refusal(path) == (
+            f"{path}: not a checkpoint bncli can read (looks like: zip archive with 100 bytes of other data before it, "
+            "which torch.load cannot read either)"
+        )

@@ -167,6 +167,7 @@ def build_zip(
     zip64: bool = False,
     comment: bytes = b"",
     extra: bytes = b"",
+    descriptor_signature: bool = True,
     out=None,
 ) -> bytes:
     """A torch-like archive written by hand, so that each field can be made odd: (name, bytes or a hole size) records.
@@ -203,7 +204,8 @@ def build_zip(
         else:
             fh.write(data)
         if descriptor:
-            fh.write(struct.pack("<4sIQQ" if local_z64 else "<4sIII", b"PK\x07\x08", crc, size, size))
+            fields = struct.pack("<IQQ" if local_z64 else "<III", crc, size, size)
+            fh.write((b"PK\x07\x08" if descriptor_signature else b"") + fields)
         central.append((raw_name, crc, size, lho))
     cd_offset = fh.tell()
     for raw_name, crc, size, lho in central:
@@ -251,10 +253,13 @@ def test_torch_save_archives_read_as_torch_reads_them(tmp_path, torch_view):
         {"zip64": True},
         {"zip64": True, "descriptor": False},
         {"comment": b"written by hand"},
+        {"descriptor_signature": False},  # optional in the format
+        {"descriptor_signature": False, "zip64": True},
         {"extra": struct.pack("<HH", 0xCAFE, 5) + b"odd!!"},  # an extra field of odd length, everywhere
         {"extra": struct.pack("<HH", 0x7075, 3) + b"\x01ab", "descriptor": False},
     ],
-    ids=["torch-like", "no-descriptor", "unaligned", "zip64", "zip64-no-descriptor", "comment", "odd-extra",
+    ids=["torch-like", "no-descriptor", "unaligned", "zip64", "zip64-no-descriptor", "comment", "unsigned-descriptor",
+         "zip64-unsigned-descriptor", "odd-extra",
          "odd-extra-no-descriptor"],
 )
 def test_odd_but_valid_archives_read_exactly_as_torch(tmp_path, torch_view, options):

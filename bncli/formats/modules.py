@@ -7,7 +7,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from bncli.budget import MAX_DEPTH, MAX_ENTRIES
+from bncli.budget import AMPLIFICATION_FLOOR, MAX_DEPTH, MAX_ENTRIES
 from bncli.formats.pickle_vm import Instance
 from bncli.formats.tensors import LazyTensor, OpaqueTensor
 
@@ -66,7 +66,12 @@ def _walk_modules(root: Instance):
 
 
 class ModelTooLarge(Exception):
-    """A module tree beyond the budget: the reader turns it into an InputError naming the file."""
+    """A module tree beyond the budget, or one that cannot be read faithfully: the reader turns it into an
+    InputError naming the file."""
+
+
+class ModelRefused(ModelTooLarge):
+    """A module tree whose pickled state would make the loaded model differ from what bncli reads."""
 
 
 def _tensor(value: Any) -> bool:
@@ -77,18 +82,31 @@ def flatten(root: Instance) -> tuple[OrderedDict, dict[str, LayerMeta], str | No
     """The state dict of a module record, the BatchNorm modules' metadata by module name, and the root's class."""
     flat: OrderedDict[str, Any] = OrderedDict()
     meta: dict[str, LayerMeta] = {}
+    key_bytes = 0
     for name, node, state in _walk_modules(root):
         prefix = f"{name}." if name else ""
         params = state.get("_parameters") if isinstance(state.get("_parameters"), dict) else {}
         buffers = state.get("_buffers") if isinstance(state.get("_buffers"), dict) else {}
+        children = state.get("_modules") if isinstance(state.get("_modules"), dict) else {}
+        # An attribute in the module's __dict__ is found before nn.Module.__getattr__ looks in _buffers: the model
+        # would run with it, not with the buffer. No real module pickles both: refused.
+        shadowed = sorted(k for k in (*params, *buffers, *children) if isinstance(k, str) and k in state)
+        if shadowed:
+            raise ModelRefused(
+                f"module {name or '<root>'!r} has an attribute that shadows its {shadowed[0]!r} (the model would use "
+                "the attribute, state_dict() the buffer)"
+            )
         hidden = state.get("_non_persistent_buffers_set")
-        hidden = hidden if isinstance(hidden, (set, frozenset)) else set()
-        for key, value in params.items():
-            if isinstance(key, str) and _tensor(value):
+        hidden = set(hidden) if isinstance(hidden, (set, frozenset, list, tuple)) else set()
+        # Non-persistent buffers are left out of state_dict(), but a whole model runs with them: BatchNorm's
+        # statistics are audited whether persistent or not.
+        hidden -= {"running_mean", "running_var", "num_batches_tracked"}
+        for key, value in [*params.items(), *buffers.items()]:
+            if isinstance(key, str) and _tensor(value) and not (key in hidden and key in buffers):
                 flat[prefix + key] = value
-        for key, value in buffers.items():
-            if isinstance(key, str) and key not in hidden and _tensor(value):
-                flat[prefix + key] = value
+                key_bytes += len(prefix) + len(key)
+        if len(flat) > MAX_ENTRIES or key_bytes > AMPLIFICATION_FLOOR:
+            raise ModelTooLarge(f"its pickled model names more than {MAX_ENTRIES:,} tensors (or {AMPLIFICATION_FLOOR:,} bytes of names)")
         if _tensor(buffers.get("running_mean")) and _tensor(buffers.get("running_var")):
             meta[name] = LayerMeta(
                 class_path=node.class_path,

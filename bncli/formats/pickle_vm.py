@@ -144,6 +144,7 @@ class Machine:
         self.calls: dict[str, int] = {}  # globals called (REDUCE/NEWOBJ/INST/OBJ) and how often
         self._size: dict[int, int] = {}  # id(container) -> items reachable from it, repeats counted
         self._keep: list[Any] = []  # keeps every sized container alive so that its id is never reused
+        self._flat_ok: set[int] = set()  # ids of kept tuples already checked as flat keys
         from bncli.formats import stand_ins
 
         self._stand_ins = stand_ins.table(self)
@@ -172,8 +173,15 @@ class Machine:
         return container
 
     def check_key(self, key: Any, what: str) -> None:
+        if type(key) is tuple and id(key) in self._flat_ok:
+            self.budget.ops(len(key))  # hashing it again costs its length
+            return
         if not _flat_key(key):
             raise PickleError(f"{what} is a nested {type(key).__name__}; only flat values are hashed")
+        if type(key) is tuple:
+            self.budget.ops(len(key) + sum(len(k) for k in key if type(k) is tuple))
+            if id(key) in self._size:  # kept alive by the machine: its id cannot be reused
+                self._flat_ok.add(id(key))
 
     def frozen(self, items) -> frozenset:
         items = list(items)
@@ -236,6 +244,12 @@ class Machine:
             stand_in = self._stand_ins.get(func.path)
             if stand_in is not None and not kwargs:
                 return stand_in(*args)
+            if torch_allows(func.path):
+                # torch builds something real from this call (torch.FloatTensor([...]), a storage...): bncli
+                # does not model it, so its values are unreadable rather than silently absent
+                from bncli.formats.tensors import OpaqueTensor
+
+                return OpaqueTensor(f"a value built by {func.path}()")
         elif not isinstance(func, Instance):
             raise PickleError(f"{via} on a {type(func).__name__}, which is not callable")
         return self.new_container(Instance(func, args, via, kwargs), args)

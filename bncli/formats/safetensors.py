@@ -16,6 +16,8 @@ from bncli.budget import Budget, human, max_load_bytes  # noqa: F401
 from bncli.console import show
 from bncli.errors import InputError, first_line
 
+MAX_DIMS = 64  # torch's and numpy's limit on a tensor's dimensions
+
 # safetensors dtype codes -> (the name torch uses, bytes per element); bncli reports the torch name.
 SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
     "F64": ("float64", 8),
@@ -100,6 +102,8 @@ def _entry(p: str, name: str, info: Any, data_start: int) -> SafetensorsEntry:
     code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if code not in SAFETENSORS_DTYPES:
         raise InputError(f"{p}: tensor {name!r} has unknown dtype {code!r}; known: {', '.join(SAFETENSORS_DTYPES)}")
+    if isinstance(shape, list) and len(shape) > MAX_DIMS:
+        raise InputError(f"{p}: tensor {name!r} has {len(shape):,} dimensions; torch and numpy allow {MAX_DIMS}")
     if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
         raise InputError(f"{p}: corrupt safetensors file: tensor {name!r} has shape {_cut(repr(shape))}")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(o) for o in offsets) or offsets[0] > offsets[1]:

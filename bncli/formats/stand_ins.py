@@ -13,14 +13,14 @@ if TYPE_CHECKING:
 
 # torch rebuild functions for tensor kinds bncli does not read; they still count as tensors of a state dict.
 OPAQUE_REBUILDS = {
-    "torch._utils._rebuild_qtensor": "quantized",
-    "torch._utils._rebuild_sparse_tensor": "sparse",
-    "torch._utils._rebuild_nested_tensor": "nested",
-    "torch._utils._rebuild_meta_tensor_no_storage": "meta",
-    "torch._utils._rebuild_wrapper_subclass": "tensor-subclass",
-    "torch._utils._rebuild_device_tensor_from_numpy": "device",
-    "torch._utils._rebuild_device_tensor_from_cpu_tensor": "device",
-    "torch._utils._rebuild_mkldnn_tensor": "mkldnn",
+    "torch._utils._rebuild_qtensor": "a quantized tensor",
+    "torch._utils._rebuild_sparse_tensor": "a sparse tensor",
+    "torch._utils._rebuild_nested_tensor": "a nested tensor",
+    "torch._utils._rebuild_meta_tensor_no_storage": "a meta tensor",
+    "torch._utils._rebuild_wrapper_subclass": "a tensor-subclass tensor",
+    "torch._utils._rebuild_device_tensor_from_numpy": "a device tensor",
+    "torch._utils._rebuild_device_tensor_from_cpu_tensor": "a device tensor",
+    "torch._utils._rebuild_mkldnn_tensor": "a mkldnn tensor",
 }
 _TENSOR_TYPES = ("torch.Tensor", "torch.nn.parameter.Parameter", "torch.nn.Parameter")
 
@@ -34,7 +34,21 @@ def table(m: Machine) -> dict[str, Any]:
         return out
 
     def counter(items=()):
+        # Counter(mapping) copies it; Counter(iterable) counts its elements (a list of pairs counts the pairs)
         out = m.new_container(Counter())
+        if isinstance(items, dict):
+            _fill(m, out, items)
+            return out
+        elements = _iterable(items, "Counter")
+        for item in elements:
+            m.check_key(item, "a counted element")
+        m._grow(out, elements)
+        out.update(elements)
+        return out
+
+    def default_dict(default_factory=None, items=()):
+        # a dict subclass whose factory is never called: its items are plain data, as an OrderedDict's
+        out = m.new_container({})
         _fill(m, out, items)
         return out
 
@@ -87,6 +101,8 @@ def table(m: Machine) -> dict[str, Any]:
     def rebuild_parameter(data, requires_grad=True, backward_hooks=None, state=None):
         if not isinstance(data, (LazyTensor, OpaqueTensor)):
             raise PickleError("a parameter without tensor data")
+        if _has_state(state):  # torch setattr()s it on the tensor: `real` or `data` can replace every value
+            return OpaqueTensor("a tensor with Python attributes (torch sets them on it, which can change its values)")
         return data
 
     def parameter(data=None, requires_grad=True):
@@ -95,8 +111,11 @@ def table(m: Machine) -> dict[str, Any]:
     def from_type_v2(func, new_type, args, state=None):
         # Tensor subclasses and tensors with Python attributes: the values are func(*args); the type is torch's.
         if not (isinstance(new_type, Global) and new_type.path in _TENSOR_TYPES):
-            return OpaqueTensor(f"{new_type.path if isinstance(new_type, Global) else 'unnamed'} subclass")
-        return m.call(func, args, "REDUCE")
+            return OpaqueTensor(f"a {new_type.path if isinstance(new_type, Global) else 'unnamed'} tensor subclass")
+        if _has_state(state):  # torch setattr()s it on the tensor: `real` or `data` can replace every value
+            return OpaqueTensor("a tensor with Python attributes (torch sets them on it, which can change its values)")
+        value = m.call(func, args, "REDUCE")
+        return value if isinstance(value, (LazyTensor, OpaqueTensor)) else OpaqueTensor("a tensor rebuilt by a call")
 
     def opaque(kind):
         def build(*args):
@@ -107,6 +126,7 @@ def table(m: Machine) -> dict[str, Any]:
     return {
         "collections.OrderedDict": ordered_dict,
         "collections.Counter": counter,
+        "collections.defaultdict": default_dict,
         "builtins.set": make_set,
         "builtins.frozenset": make_frozenset,
         "builtins.bytearray": make_bytearray,
@@ -125,9 +145,16 @@ def table(m: Machine) -> dict[str, Any]:
     }
 
 
+def _has_state(state: Any) -> bool:
+    """Whether a tensor's pickled Python state is non-empty (a dict, or a (dict, slots) pair)."""
+    if isinstance(state, tuple) and len(state) == 2:
+        return any(_has_state(part) for part in state)
+    return state is not None and not (isinstance(state, dict) and not state)
+
+
 def _tensor(storage, offset, size, stride, np_type, dtype, metadata):
     if metadata:  # conj/neg bits and the like change the values: not read
-        return OpaqueTensor("tensor with metadata", dtype)
+        return OpaqueTensor("a tensor with metadata (conjugate or negative bits)", dtype)
     return LazyTensor(storage, offset, size, stride, np_type, dtype)
 
 

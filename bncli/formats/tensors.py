@@ -110,6 +110,14 @@ class LazyTensor:
         source = self.storage.source
         item = itemsize(self.np_type)
         order = "|" if item == 1 else source.byteorder
+        if order == ">":
+            # torch swaps a big-endian archive's storage once, in groups of the storage's own element size (none
+            # for an untyped storage), then views the bytes natively: match that, or refuse what it cannot mean
+            width = itemsize(self.storage.typed[0]) if self.storage.typed else 1
+            if width == 1:
+                order = "<"
+            elif width != item:
+                raise ValueError(f"a {self.dtype} view of a storage of {width}-byte items in a big-endian archive")
         numel = self.numel()
         if numel == 0:
             array = np.empty(self.shape, dtype=np.dtype(self.np_type).newbyteorder("="))
@@ -144,7 +152,7 @@ class OpaqueTensor:
     ndim = 0
 
     def numpy(self):
-        raise ValueError(f"a {self.kind} tensor, whose values bncli does not read")
+        raise ValueError(f"{self.kind}, whose values bncli does not read")
 
     def __repr__(self) -> str:
         return f"OpaqueTensor({self.kind})"

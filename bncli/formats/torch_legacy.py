@@ -23,6 +23,29 @@ MAGIC = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
 
 
+def _brief(value: Any) -> str:
+    """A value from the file, described without converting a huge integer to text."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value) if value.bit_length() < 64 else f"an integer of {value.bit_length()} bits"
+    return f"a {type(value).__name__}"
+
+
+def _tar_header(path: Path) -> bool:
+    """Whether the file starts with a valid tar header: torch tries its pre-2017 tar format first, so a file that
+    is both a tar archive and a legacy pickle stream would be read as the tar by torch.load(weights_only=False)."""
+    import tarfile
+
+    with path.open("rb") as fh:
+        head = fh.read(512)
+    if len(head) < 512:
+        return False
+    try:
+        tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+    except tarfile.TarError:
+        return False
+    return True
+
+
 class _Ref:
     """A storage (or a legacy view of one) by its key: its file offset is known once the key list is read."""
 
@@ -50,6 +73,11 @@ class LegacySource:
 def load(path: Path, budget: Budget) -> tuple[Any, Machine]:
     source = LegacySource(path, budget)
     p = source.where
+    if _tar_header(path):
+        raise InputError(
+            f"{p}: both a tar archive and a legacy torch pickle: torch.load would read the tar (torch's pre-2017 "
+            "format) and bncli the pickle, so no audit of it could be trusted; refused"
+        )
     size = path.stat().st_size
     roots: dict[str, LazyStorage] = {}
     views: dict[str, LazyStorage] = {}
@@ -68,6 +96,10 @@ def load(path: Path, budget: Budget) -> tuple[Any, Machine]:
         if typed is None:
             raise PickleError("an untyped storage in a legacy file")
         nbytes = numel * itemsize(typed[0])
+        # torch keeps root storages and views in one table: a key naming both would make torch read another
+        # storage than the pickle says, so a key used for both is refused
+        if key in views:
+            raise PickleError(f"storage key {key} names both a storage and a view")
         root = roots.get(key)
         if root is None:
             root = roots[key] = LazyStorage(source, _Ref(key), nbytes, typed)
@@ -80,11 +112,16 @@ def load(path: Path, budget: Budget) -> tuple[Any, Machine]:
         view_key, offset, view_size = view
         if not (isinstance(view_key, str) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (offset, view_size))):
             raise PickleError("a malformed storage view")
+        if view_key in roots:
+            raise PickleError(f"storage key {view_key} names both a storage and a view")
         item = itemsize(typed[0])
         if (offset + view_size) * item > nbytes:
             raise PickleError(f"storage view {view_key} reaches past the end of storage {key}")
-        if view_key not in views:
+        known = views.get(view_key)
+        if known is None:
             views[view_key] = LazyStorage(source, _Ref(key, offset * item), view_size * item, typed)
+        elif known.ref.key != key or known.ref.byte_offset != offset * item or known.nbytes != view_size * item:
+            raise PickleError(f"storage view {view_key} is declared twice, differently")
         return views[view_key]
 
     with path.open("rb") as fh:
@@ -93,8 +130,10 @@ def load(path: Path, budget: Budget) -> tuple[Any, Machine]:
                 raise InputError(f"{p}: a Python pickle that torch.save did not write; bncli reads only torch checkpoints")
             version = Machine(budget).load(fh)
             if version != PROTOCOL_VERSION:
-                raise InputError(f"{p}: a legacy torch file of protocol {str(version)[:20]}; torch reads only {PROTOCOL_VERSION}")
-            Machine(budget).load(fh)  # system info: legacy storages are little-endian whatever it says
+                raise InputError(f"{p}: a legacy torch file of protocol {_brief(version)}; torch reads only {PROTOCOL_VERSION}")
+            info = Machine(budget).load(fh)  # system info: legacy storages are little-endian whatever it says
+            if type(info) is not dict:
+                raise InputError(f"{p}: corrupt legacy torch file: its system information is not a small dictionary")
             machine = Machine(budget, persistent_load)
             obj = machine.load(fh)
             keys = Machine(budget).load(fh)
@@ -106,6 +145,8 @@ def load(path: Path, budget: Budget) -> tuple[Any, Machine]:
     with path.open("rb", buffering=0) as raw:
         for key in keys:
             storage = roots.get(key)
+            if key in views:
+                raise InputError(f"{p}: corrupt legacy torch file: the storage list names view {key!r}")
             if storage is None:
                 raise InputError(f"{p}: corrupt legacy torch file: storage {key!r} is stored but never used")
             if key in source.offsets:

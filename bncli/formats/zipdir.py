@@ -416,17 +416,20 @@ class _Reader:
             raise self._disagree(name, "sizes")
 
     def check_descriptor(self, name: str, data_end: int, wide: bool, central: tuple, cd_offset: int) -> int:
-        fmt = "<4sIQQ" if wide else "<4sIII"
-        size = struct.calcsize(fmt)
-        raw = self.read(data_end, size)
-        if data_end + size > cd_offset or len(raw) != size:
+        """The data descriptor after a record's data: its signature is optional in the format (miniz and zipfile write
+        it); either way its values must be the directory's. Returns where the record ends."""
+        values = "<IQQ" if wide else "<III"
+        raw = self.read(data_end, 4 + struct.calcsize(values))
+        with_sig = raw.startswith(_DD_SIG)
+        body = raw[4:] if with_sig else raw[: struct.calcsize(values)]
+        end = data_end + (4 if with_sig else 0) + struct.calcsize(values)
+        if end > cd_offset or len(body) != struct.calcsize(values):
             raise self.fail(f"corrupt zip archive: the data descriptor of record {name!r} overlaps the zip directory")
-        sig, crc, csize, usize = struct.unpack(fmt, raw)
-        if sig != _DD_SIG or (crc, csize, usize) != central:
+        if struct.unpack(values, body) != central:
             raise self.fail(
                 f"corrupt zip archive: the data descriptor of record {name!r} disagrees with the zip directory"
             )
-        return data_end + size
+        return end
 
     def check_layout(self, members: list[Member], cd_offset: int) -> None:
         """Every byte before the directory belongs to exactly one record, the first at byte 0."""
