@@ -165,7 +165,10 @@ def _count(ckpt: Checkpoint, key: str | None) -> int | None:
     if array.size != 1:
         raise InputError(f"{ckpt.provenance.path}: {key} has shape {tuple(array.shape)}; expected a single count")
     value = array.reshape(())
-    if value.dtype.kind not in "iuf" or value != value or abs(float(value)) == float("inf"):
-        shown = repr(value.item()) if value.dtype.kind in "iufcb" else f"a {value.dtype} value"
+    item = value.item() if value.dtype.kind in "iufcb" else None
+    if value.dtype.kind not in "iuf" or value != value or abs(float(value)) == float("inf") or (
+        value.dtype.kind == "f" and float(value) != int(value)
+    ):
+        shown = repr(item) if item is not None else f"a {value.dtype} value"
         raise InputError(f"{ckpt.provenance.path}: {key} is {shown}; expected an integer count")
     return int(value)

@@ -374,6 +374,16 @@ def num_batches_tracked_nan(tmp_path):
     return _pt(tmp_path, _sd(num_batches_tracked=torch.tensor(float("nan"))))
 
 
+@case(3, "cannot read bn.num_batches_tracked (a plain integer of 201 bits, beyond int64)")
+def num_batches_tracked_beyond_int64(tmp_path):
+    return _pt(tmp_path, _sd(num_batches_tracked=2**200))  # a plain int in the pickle can be any size
+
+
+@case(3, "bn.num_batches_tracked is 2.5; expected an integer count")
+def num_batches_tracked_fraction(tmp_path):
+    return _pt(tmp_path, _sd(num_batches_tracked=torch.tensor(2.5, dtype=torch.float64)))
+
+
 @case(3, "holds a list at the top level, not a state dict")
 def list_at_top_level(tmp_path):
     return _pt(tmp_path, [torch.ones(3), torch.zeros(3)])
