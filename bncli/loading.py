@@ -307,7 +307,9 @@ def load_checkpoint(path: str | os.PathLike, state: str | None = None, strip_pre
                 raise InputError(f"{show(path)}: {exc}; refused") from None
             entries = dict(flat)
         else:
-            entries = {k: v for k, v in found.items() if not _is_record(v)}  # records are no tensors
+            # a record where a tensor could be (torch.nn.init.constant_(...), a custom class) is kept as a value
+            # bncli cannot read, never silently dropped: a BatchNorm layer made of one is then an input error
+            entries = {k: (_unreadable(v) if _is_record(v) else v) for k, v in found.items()}
         extra.update(_pickled_code(machine))
         reader = _TorchReader()
     else:  # npy, npz
@@ -358,7 +360,10 @@ def _pickled_code(machine) -> dict[str, tuple[str, ...]]:
 def find_state_dict(obj: Any, path: Path, state: str | None = None) -> tuple[Mapping[str, Any], str | None, tuple[str, ...]]:
     """Locate the state dict inside common wrappings; return it, the key path used, and the other candidates."""
     p = show(path)
+    obj = _plain_mappings(obj)
     candidates = _candidates(obj)
+    if not state:
+        _no_unread_container_before(obj, candidates, p)
     if state is not None:
         node = _walk(obj, state)
         if node is None:
@@ -378,6 +383,47 @@ def find_state_dict(obj: Any, path: Path, state: str | None = None) -> tuple[Map
     if _is_tensor(obj):
         raise InputError(f"{p}: holds a single tensor, not a checkpoint; use `bncli normalize` for tensors")
     raise InputError(f"{p}: holds {_what(obj)} at the top level, not a state dict")
+
+
+def _as_mapping(value: Any) -> Any:
+    """A dict subclass the pickle built (an Instance record with items, e.g. `copyreg._reconstructor` or NEWOBJ of
+    a class of the user's) as the plain mapping of its items, which is what load_state_dict would read from it."""
+    from bncli.formats.pickle_vm import Instance
+
+    if isinstance(value, Instance) and value.dictitems is not None and not is_module(value):
+        return dict(value.dictitems)
+    return value
+
+
+def _plain_mappings(obj: Any) -> Any:
+    """The top level and the containers under it, with dict-subclass records read as their items."""
+    obj = _as_mapping(obj)
+    if not isinstance(obj, Mapping):
+        return obj
+    out = {}
+    for key, value in obj.items():
+        value = _as_mapping(value)
+        if isinstance(value, Mapping) and key in CONTAINER_KEYS:
+            value = {k: _as_mapping(v) for k, v in value.items()}
+        out[key] = value
+    return out
+
+
+def _no_unread_container_before(obj: Any, candidates: list[str], p: str) -> None:
+    """A container key that holds a pickled object bncli cannot read as a state dict, ahead of the one it would
+    choose, is refused rather than skipped: the user's code would read that one (fail closed)."""
+    if not isinstance(obj, Mapping):
+        return
+    first = candidates[0].split(".")[0] if candidates else None
+    for key in CONTAINER_KEYS:
+        if key == first:
+            return
+        value = obj.get(key)
+        if _is_record(value) and not is_module(value):
+            raise InputError(
+                f"{p}: {key!r} holds {_what(value)}, which bncli cannot read as a state dict; it would not audit "
+                f"another one in its place{'; choose one with --state: ' + ', '.join(candidates) if candidates else ''}"
+            )
 
 
 def _candidates(obj: Any) -> list[str]:
@@ -446,6 +492,14 @@ def _is_state_dict(obj: Any) -> bool:
         elif is_module(value):  # a model beside tensors: the container, not a state dict
             return False
     return has_tensor
+
+
+def _unreadable(record: Any) -> Any:
+    from bncli.formats.pickle_vm import Global
+    from bncli.formats.tensors import OpaqueTensor
+
+    made_by = record.path if isinstance(record, Global) else (record.class_path or "a pickled call")
+    return OpaqueTensor(f"a value built by {made_by}()" if not isinstance(record, Global) else f"a reference to {made_by}")
 
 
 def _is_record(value: Any) -> bool:

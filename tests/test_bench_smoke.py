@@ -33,3 +33,18 @@ def test_quick_benchmark_runs(tmp_path):
     assert notes["bncli inspect big.pt"].startswith("torch imported: False; storage bytes read: 0.")
     normalize = [row for row in rows if row["what"].startswith("bncli normalize compute")]
     assert len(normalize) == 2 and all("max |y - BatchNorm2d|" in row["note"] for row in normalize)
+
+
+def test_quick_recalibrate_benchmark_runs_and_is_accurate():
+    """benchmarks/recalibrate_bench.py keeps working; its accuracy line (bncli against float64, with and without a
+    mean offset of 1e4) stays within the 1e-6 bncli promises. Its timings are figures, not assertions."""
+    import re
+
+    result = subprocess.run([sys.executable, "benchmarks/recalibrate_bench.py", "--quick", "--repeat", "1"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[2].startswith("| torch.optim.swa_utils.update_bn script |")
+    assert lines[3].startswith("| bncli recalibrate |")
+    errors = [float(v) for v in re.findall(r"\d\.\de[-+]\d\d", lines[4])]
+    assert len(errors) == 4 and max(errors) < 1e-6, lines[4]

@@ -38,7 +38,11 @@ print(json.dumps({k: [repr(x) for x in v.tolist()] for k, v in obj.items() if k.
 
 def torch_sees(path: Path) -> dict[str, list[float]]:
     """running_var of every layer as torch.load(weights_only=False) gives it, in a child process."""
-    done = subprocess.run([sys.executable, "-c", REFERENCE, str(path)], capture_output=True, text=True, timeout=60, check=True)
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}  # torch imports the test's own classes
+    done = subprocess.run([sys.executable, "-c", REFERENCE, str(path)], capture_output=True, text=True, timeout=60,
+                          check=True, env=env)
     return {k: [float(x) for x in v] for k, v in json.loads(done.stdout).items()}
 
 
@@ -299,3 +303,100 @@ def test_module_dags_cannot_multiply_keys_without_bound(tmp_path):
     assert path.stat().st_size < 100_000
     with pytest.raises(InputError, match="names more than"):
         load_checkpoint(path)
+
+
+# --------------------------------------------------------------------------- second review: what is odd is refused or read, never skipped
+
+
+def _model(poisoned_var=None):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    if poisoned_var is not None:
+        model[1].running_var.copy_(torch.tensor(poisoned_var))
+    return model
+
+
+def _save(tmp_path, obj, **kwargs) -> Path:
+    path = tmp_path / "m.pt"
+    torch.save(obj, path, **kwargs)
+    return path
+
+
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (lambda m: setattr(m, "_modules", OrderedDict([(0, m[0]), (1, m[1])])), "_modules that is not a mapping of names"),
+        (lambda m: m[1]._parameters.__setitem__("running_var", torch.nn.Parameter(torch.tensor(POISON))), "shadows its 'running_var'"),
+        (lambda m: setattr(m[1], "eps", float("nan")), "has eps nan"),
+        (lambda m: setattr(m[1], "eps", -1.0), "has eps -1.0"),
+        (lambda m: setattr(m[1], "eps", "x"), "has eps 'x'"),
+        (lambda m: setattr(m[1], "eps", 10**400), "beyond any float"),
+        (lambda m: setattr(m[1], "momentum", 10**400), "beyond any float"),
+    ],
+    ids=["int-module-key", "parameter-and-buffer", "eps-nan", "eps-negative", "eps-text", "eps-huge", "momentum-huge"],
+)
+def test_whole_models_torch_would_run_differently_are_refused(tmp_path, tamper, message):
+    model = _model()
+    tamper(model)
+    with pytest.raises(InputError, match=message):
+        load_checkpoint(_save(tmp_path, model))
+
+
+def test_every_buffer_of_a_whole_model_is_audited(tmp_path):
+    """A non-persistent weight buffer (FrozenBatchNorm2d keeps weight as a buffer): the model runs with it."""
+
+    class Frozen(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("weight", torch.tensor([float("nan"), -1e30, 0.0, 1e30]), persistent=False)
+            self.register_buffer("bias", torch.zeros(4))
+            self.register_buffer("running_mean", torch.zeros(4))
+            self.register_buffer("running_var", torch.ones(4))
+
+    globals()["Frozen"] = Frozen  # picklable by name, as a model class of the user's would be
+    Frozen.__qualname__ = "Frozen"
+    from bncli.audit import inspect_file
+
+    report = inspect_file(_save(tmp_path, torch.nn.Sequential(Frozen())))
+    assert any(f.rule == "BN001" and "weight" in f.message for f in report.findings)
+
+
+class _Init:
+    def __reduce_ex__(self, proto):
+        return (torch.nn.init.constant_, (torch.empty(4), float("nan")))
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["state-dict", "whole-model"])
+def test_a_call_where_a_tensor_belongs_is_unreadable_not_absent(tmp_path, whole):
+    if whole:
+        model = _model()
+        model[1]._buffers["running_var"] = _Init()
+        path = _save(tmp_path, model)
+    else:
+        sd = clean_bn()
+        sd["bn.running_var"] = _Init()
+        path = _save(tmp_path, sd)
+    assert all(math.isnan(x) for x in next(iter(torch_sees(path).values())))
+    with pytest.raises(InputError, match=r"a value built by torch\.nn\.init\.constant_\(\), whose values bncli does not read"):
+        bncli_sees(path)
+
+
+class MyStateDict(OrderedDict):
+    """A dict subclass of the user's: protocol 1 pickles it through copyreg._reconstructor."""
+
+
+@pytest.mark.parametrize("protocol", [1, 2])
+def test_a_dict_subclass_under_a_container_key_is_read(tmp_path, protocol):
+    poisoned = MyStateDict(clean_bn())
+    poisoned["bn.running_var"] = torch.tensor(POISON)
+    path = _save(tmp_path, {"state_dict": poisoned, "model_ema": clean_bn()}, pickle_protocol=protocol)
+    assert load_checkpoint(path).provenance.container == "state_dict"
+    assert assert_same_or_refused(path) == "same"
+
+
+def test_an_unreadable_container_ahead_of_the_chosen_one_is_refused(tmp_path):
+    import argparse
+
+    path = _save(tmp_path, {"state_dict": argparse.Namespace(x=1), "model_ema": clean_bn()})
+    with pytest.raises(InputError, match="'state_dict' holds a pickled argparse.Namespace, which bncli cannot read"):
+        load_checkpoint(path)
+    assert load_checkpoint(path, state="model_ema").provenance.container == "model_ema"

@@ -93,8 +93,10 @@ def test_deep_model_matches_hooked_reference_and_is_bit_identical():
     for name, (mean, var, n) in ref.items():
         got = first[name]
         assert got.count == n
-        assert torch.allclose(got.mean, mean, rtol=1e-12, atol=1e-12 * var.sqrt().max().item())
-        assert torch.allclose(got.var, var, rtol=1e-12, atol=0)
+        # Each batch's statistics are rounded once to float32 (BatchNorm's own, accumulated in float64 on the CPU),
+        # then merged in float64: within 1e-6 of the float64 reference, the accuracy bncli promises.
+        assert torch.all((got.mean - mean).abs() <= 1e-6 * var.sqrt())
+        assert torch.allclose(got.var, var, rtol=1e-6, atol=0)
         assert torch.equal(got.mean, second[name].mean) and torch.equal(got.m2, second[name].m2)
 
 
@@ -496,3 +498,61 @@ def test_json_says_which_non_finite(cli, tmp_path):
                                                   "mean_kl": "nan"}
     assert layers["features.9"]["non_finite"]["var_ratio_min"] == "nan"  # a negative variance has no ratio
     assert "non_finite" not in layers["features.1"]
+
+
+# --------------------------------------------------------------------------- the fused path (BatchNorm's own statistics)
+
+
+def offset_data(offset, n=45, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, 3, 6, 6), generator=g) * torch.tensor([1.0, 0.01, 3.0]).view(1, 3, 1, 1) + offset
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4, -3e5])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_statistics_within_1e6_of_float64_even_far_from_zero(offset, channels_last, monkeypatch):
+    """torch's BatchNorm measures each batch (float64 accumulation on the CPU); bncli reads that, merges in float64,
+    and corrects the float32-rounded mean where it is far from 0 in stds. No float64 copy of the input is made:
+    the exact pre-hook (batch_moments) is not called for torch's own BatchNorm classes."""
+    import bncli.recalibrate as core
+
+    monkeypatch.setattr(core, "batch_moments", lambda x: pytest.fail("the fused path copies no input to float64"))
+    x = offset_data(offset)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    bn = torch.nn.BatchNorm2d(3)
+    moments, count = population_moments(torch.nn.Sequential(bn), torch.split(x, 8))  # 8 x 5, then 5
+    assert count == 6
+    flat = x.double().transpose(0, 1).reshape(3, -1)
+    mean, var = flat.mean(dim=1), flat.var(dim=1, correction=1)
+    got = moments["0"]
+    assert got.count == 45 * 36
+    assert torch.all((got.mean - mean).abs() <= 1e-6 * var.sqrt()), (got.mean - mean) / var.sqrt()
+    assert torch.allclose(got.var, var, rtol=1e-6, atol=0)
+    assert bn.momentum == 0.1  # restored
+
+
+def test_fused_path_ignores_nan_buffers_and_restores_momentum_none():
+    x = offset_data(2.0)
+    bn = torch.nn.BatchNorm2d(3, momentum=None)
+    bn.running_var.fill_(float("nan"))
+    bn.running_mean.fill_(float("inf"))
+    moments, _ = population_moments(torch.nn.Sequential(bn), torch.split(x, 10))
+    flat = x.double().transpose(0, 1).reshape(3, -1)
+    assert torch.allclose(moments["0"].var, flat.var(dim=1), rtol=1e-6)
+    assert bn.momentum is None
+
+
+class OwnForward(torch.nn.BatchNorm2d):
+    """A subclass with a forward of its own (frozen statistics, say): its buffers say nothing of the batch."""
+
+    def forward(self, x):
+        return torch.nn.functional.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
+def test_a_batchnorm_with_its_own_forward_is_measured_from_its_input():
+    x = offset_data(1e3)
+    moments, _ = population_moments(torch.nn.Sequential(OwnForward(3)), torch.split(x, 8))
+    flat = x.double().transpose(0, 1).reshape(3, -1)
+    assert torch.allclose(moments["0"].mean, flat.mean(dim=1), rtol=1e-12, atol=0)  # float64 throughout
+    assert torch.allclose(moments["0"].var, flat.var(dim=1), rtol=1e-9, atol=0)

@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 import pytest
 
-from bncli.errors import UnsafeFileError
+from bncli.errors import InputError, UnsafeFileError
 from bncli.loading import load_checkpoint, load_tensor
 
 _ADVICE = "Re-save only the weights where you trust the file (torch.save(model.state_dict(), ...)) or convert it to safetensors"
@@ -42,7 +42,9 @@ def test_reduce_payload_is_read_as_data_and_never_runs(tmp_path, legacy):
     ckpt = load_checkpoint(path)
     assert ckpt.provenance.pickled_globals == ("io.open",)
     assert ckpt.provenance.pickled_calls == ("io.open",)
-    assert "bn.running_var" in ckpt and "payload" not in ckpt  # a record is not a tensor of the state dict
+    assert "bn.running_var" in ckpt
+    with pytest.raises(InputError, match=r"a value built by io\.open\(\), whose values bncli does not read"):
+        ckpt.read("payload")  # a record where a tensor could be: kept, unreadable, never silently dropped
     assert not marker.exists()
 
 

@@ -33,7 +33,7 @@ def module_state(obj: Any) -> dict | None:
     state = obj.state
     if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
         state = state[0]  # (dict, slots) as pickle's default __reduce_ex__ writes for classes with __slots__
-    if isinstance(state, dict) and any(isinstance(state.get(k), dict) for k in _MODULE_KEYS):
+    if isinstance(state, dict) and any(k in state for k in _MODULE_KEYS):
         return state
     return None
 
@@ -62,6 +62,9 @@ def _walk_modules(root: Instance):
         if isinstance(children, dict):
             here = above | {id(node)}
             kids = [(f"{name}.{k}" if name else str(k), v, here) for k, v in children.items() if isinstance(k, str) and v is not None]
+            strange = next((k for k, v, _ in kids if module_state(v) is None), None)
+            if strange is not None:  # its statistics would be invisible: refused rather than skipped
+                raise ModelRefused(f"submodule {strange!r} is not a module bncli can read (it pickles no module state)")
             stack.extend(reversed(kids))
 
 
@@ -85,33 +88,45 @@ def flatten(root: Instance) -> tuple[OrderedDict, dict[str, LayerMeta], str | No
     key_bytes = 0
     for name, node, state in _walk_modules(root):
         prefix = f"{name}." if name else ""
-        params = state.get("_parameters") if isinstance(state.get("_parameters"), dict) else {}
-        buffers = state.get("_buffers") if isinstance(state.get("_buffers"), dict) else {}
-        children = state.get("_modules") if isinstance(state.get("_modules"), dict) else {}
-        # An attribute in the module's __dict__ is found before nn.Module.__getattr__ looks in _buffers: the model
-        # would run with it, not with the buffer. No real module pickles both: refused.
-        shadowed = sorted(k for k in (*params, *buffers, *children) if isinstance(k, str) and k in state)
-        if shadowed:
+        where = name or "<root>"
+        fields = []
+        for field in ("_parameters", "_buffers", "_modules"):
+            value = state.get(field, {})
+            # nn.Module keeps these in plain dicts with string keys; anything else is a module torch would run
+            # differently from how it reads (an int key in _modules still runs in forward)
+            if type(value) not in (dict, OrderedDict) or not all(isinstance(k, str) for k in value):
+                raise ModelRefused(f"module {where!r} has a {field} that is not a mapping of names, as nn.Module keeps it")
+            fields.append(value)
+        params, buffers, children = fields
+        names = [*params, *buffers, *children]
+        # A name in two of them, or an attribute in the module's __dict__ of the same name: Python's attribute
+        # lookup would find another object than state_dict() names. No real module pickles that: refused.
+        twice = sorted({n for n in names if names.count(n) > 1} | {n for n in names if n in state})
+        if twice:
             raise ModelRefused(
-                f"module {name or '<root>'!r} has an attribute that shadows its {shadowed[0]!r} (the model would use "
-                "the attribute, state_dict() the buffer)"
+                f"module {where!r} has an attribute that shadows its {twice[0]!r} (the model would use "
+                "another object than state_dict() names)"
             )
-        hidden = state.get("_non_persistent_buffers_set")
-        hidden = set(hidden) if isinstance(hidden, (set, frozenset, list, tuple)) else set()
-        # Non-persistent buffers are left out of state_dict(), but a whole model runs with them: BatchNorm's
-        # statistics are audited whether persistent or not.
-        hidden -= {"running_mean", "running_var", "num_batches_tracked"}
+        # Every parameter and buffer, non-persistent ones too: a whole model runs with them. A value that is not
+        # a tensor bncli reads (a record of a call) is kept as an unreadable tensor, never silently dropped.
         for key, value in [*params.items(), *buffers.items()]:
-            if isinstance(key, str) and _tensor(value) and not (key in hidden and key in buffers):
-                flat[prefix + key] = value
-                key_bytes += len(prefix) + len(key)
+            if value is None:
+                continue
+            flat[prefix + key] = value if _tensor(value) else OpaqueTensor(f"a value built by {_built_by(value)}")
+            key_bytes += len(prefix) + len(key)
         if len(flat) > MAX_ENTRIES or key_bytes > AMPLIFICATION_FLOOR:
             raise ModelTooLarge(f"its pickled model names more than {MAX_ENTRIES:,} tensors (or {AMPLIFICATION_FLOOR:,} bytes of names)")
         if _tensor(buffers.get("running_mean")) and _tensor(buffers.get("running_var")):
+            eps = _number(state, "eps", where)
+            if "eps" in state and (eps is None or not (eps >= 0 and eps != float("inf"))):
+                raise ModelRefused(f"module {where!r} has eps {_brief(state['eps'])}; torch needs a finite number >= 0")
+            momentum = _number(state, "momentum", where)
+            if state.get("momentum") is not None and (momentum is None or momentum != momentum):
+                raise ModelRefused(f"module {where!r} has momentum {_brief(state['momentum'])}; torch needs a number or None")
             meta[name] = LayerMeta(
                 class_path=node.class_path,
-                eps=_number(state.get("eps")),
-                momentum=_number(state.get("momentum")),
+                eps=eps,
+                momentum=momentum,
                 momentum_given="momentum" in state,
                 affine=_bool(state.get("affine")),
                 track_running_stats=_bool(state.get("track_running_stats")),
@@ -119,10 +134,31 @@ def flatten(root: Instance) -> tuple[OrderedDict, dict[str, LayerMeta], str | No
     return flat, meta, root.class_path
 
 
-def _number(value: Any) -> float | None:
+def _number(state: dict, key: str, where: str) -> float | None:
+    value = state.get(key)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ModelRefused(f"module {where!r} has {key} {_brief(value)}, beyond any float") from None
     return None
+
+
+def _brief(value: Any) -> str:
+    """A value from the file in a few words (never a huge integer converted to text)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value) if value.bit_length() < 64 else f"an integer of {value.bit_length()} bits"
+    if isinstance(value, (float, bool)) or value is None:
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value[:40])
+    return f"a {type(value).__name__}"
+
+
+def _built_by(value: Any) -> str:
+    if isinstance(value, Instance):
+        return f"{value.class_path or 'a pickled call'}()"
+    return f"a {type(value).__name__}"
 
 
 def _bool(value: Any) -> bool | None:

@@ -174,7 +174,7 @@ class Machine:
 
     def check_key(self, key: Any, what: str) -> None:
         if type(key) is tuple and id(key) in self._flat_ok:
-            self.budget.ops(len(key))  # hashing it again costs its length
+            self.budget.ops(self._size.get(id(key), len(key)))  # hashing it again costs every item it holds
             return
         if not _flat_key(key):
             raise PickleError(f"{what} is a nested {type(key).__name__}; only flat values are hashed")

@@ -117,6 +117,14 @@ def table(m: Machine) -> dict[str, Any]:
         value = m.call(func, args, "REDUCE")
         return value if isinstance(value, (LazyTensor, OpaqueTensor)) else OpaqueTensor("a tensor rebuilt by a call")
 
+    def reconstructor(cls, base=None, state=None, *rest):
+        # copyreg._reconstructor(cls, dict, None): how protocols 0/1 (and OrderedDict subclasses) pickle a dict
+        # subclass: its items follow as SETITEMS, and they are plain data. Anything else stays a record.
+        if isinstance(base, Global) and base.path == "builtins.dict" and state is None and not rest:
+            return m.new_container(OrderedDict())
+        func = m.name_global("copyreg", "_reconstructor")
+        return m.new_container(Instance(func, (cls, base, state, *rest), "REDUCE"), (cls, base, state))
+
     def opaque(kind):
         def build(*args):
             return OpaqueTensor(kind)
@@ -127,6 +135,7 @@ def table(m: Machine) -> dict[str, Any]:
         "collections.OrderedDict": ordered_dict,
         "collections.Counter": counter,
         "collections.defaultdict": default_dict,
+        "copyreg._reconstructor": reconstructor,
         "builtins.set": make_set,
         "builtins.frozenset": make_frozenset,
         "builtins.bytearray": make_bytearray,

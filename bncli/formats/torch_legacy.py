@@ -92,6 +92,8 @@ def load(path: Path, budget: Budget) -> tuple[Any, Machine]:
         _, kind, key, _location, numel, view = pid
         if not isinstance(key, str) or not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
             raise PickleError("a malformed storage id")
+        if numel >= 1 << 62:
+            raise PickleError(f"storage {key[:40]} declares {numel.bit_length()}-bit many elements")
         typed = storage_type(kind)
         if typed is None:
             raise PickleError("an untyped storage in a legacy file")

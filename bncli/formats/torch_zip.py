@@ -128,6 +128,8 @@ class ZipSource:
             _, kind, key, _location, numel = pid
             if not isinstance(key, str) or not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
                 raise PickleError("a malformed storage id")
+            if numel >= 1 << 62:
+                raise PickleError(f"storage {key[:40]} declares {numel.bit_length()}-bit many elements")
             typed = storage_type(kind)
             nbytes = numel * (itemsize(typed[0]) if typed else 1)
             known = storages.get(key)
