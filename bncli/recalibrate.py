@@ -131,6 +131,10 @@ def default_forward(model, batch, device=None, dtype=None) -> None:
     run_model(model, x)
 
 
+# How many population_moments passes run now: bncli.watch takes their updates for a recalibration (no BN018).
+ACTIVE = [0]
+
+
 def population_moments(
     model,
     batches: Iterable[Any],
@@ -204,11 +208,10 @@ def population_moments(
     for m in synced:
         m.forward = _local_batch_norm(m)
     model.eval()
-    momenta = {m: m.momentum for _, m in layers}
     for _, m in layers:
         m.train()
-        m.momentum = None  # a cumulative average, as update_bn: marks the passes as a recalibration (bncli.watch)
     count = 0
+    ACTIVE[0] += 1
     try:
         with torch.no_grad():
             for batch in batches:
@@ -217,6 +220,7 @@ def population_moments(
                 if on_batch is not None:
                     on_batch()
     finally:
+        ACTIVE[0] -= 1
         for h in handles:
             h.remove()
         for m in synced:
@@ -225,8 +229,6 @@ def population_moments(
             m.momentum = momentum
         for m, training in was_training.items():
             m.training = training
-        for m, momentum in momenta.items():
-            m.momentum = momentum
     empty = {name: Moments(0, torch.zeros(m.num_features, dtype=torch.float64, device=device),
                            torch.zeros(m.num_features, dtype=torch.float64, device=device)) for name, m in layers}
     return {name: moments[name] or empty[name] for name, _ in layers}, count

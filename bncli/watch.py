@@ -285,7 +285,8 @@ class Watch:
         if self._last_update_step != self.step:
             self._last_update_step = self.step
             self.steps_with_updates += 1
-        if not grad and getattr(layer.module, "momentum", 0.1) is not None:  # momentum None: a recalibration
+        if not grad and getattr(layer.module, "momentum", 0.1) is not None and not _recalibrating():
+            # momentum None (update_bn) or bncli.recalibrate's passes: a recalibration, no BN018
             self._no_grad.append(layer.name)
             if not self._depth:
                 self._flush_no_grad()
@@ -382,6 +383,13 @@ class Watch:
             raise BatchNormDefect(event)
         else:
             warnings.warn(BatchNormWarning(event), stacklevel=3)
+
+
+def _recalibrating() -> bool:
+    import sys
+
+    module = sys.modules.get("bncli.recalibrate")
+    return bool(module is not None and getattr(module, "ACTIVE", (0,))[0])
 
 
 def _input_cause(x) -> str:
