@@ -575,10 +575,14 @@ def check_fold_risk(layer: BNLayer, t: Thresholds) -> Hits:
         over = _channels(usable & (scale > FLOAT16_MAX))
     if not spread_out and not over:
         return []
-    message = (
-        f"the folded scale |weight|/sqrt(running_var + eps) reaches {largest:.4g} in channel {top}, "
-        f"{largest / median:.4g}x the median {median:.4g} (eps={eps:g})"
-    )
+    if largest == float("inf"):  # --eps 0 and a variance of 0: a division by zero when folding
+        message = (f"the folded scale |weight|/sqrt(running_var + eps) is infinite in channel {top} (running_var + eps "
+                   f"is 0), against a median of {median:.4g} (eps={eps:g})")
+    else:
+        message = (
+            f"the folded scale |weight|/sqrt(running_var + eps) reaches {largest:.4g} in channel {top}, "
+            f"{largest / median:.4g}x the median {median:.4g} (eps={eps:g})"
+        )
     if spread_out:
         message += (
             f"; above {t.max_fold_spread:g}x the median in channel(s) {_show(spread_out)}: per-tensor int8 quantization "

@@ -477,3 +477,12 @@ def test_a_layer_that_knows_its_eps_uses_it_over_the_option():
     assert hits(own, "BN015") == []  # 1/sqrt(1e-3): 31.6x
     assert hits(own, "BN015", Thresholds(eps=1e-7)) == []  # the layer's own eps wins
     assert "eps=0.001" in hits(own, "BN004", Thresholds(min_var=1e-2))[0].message
+
+
+def test_fold_risk_with_eps_0_and_a_zero_variance_says_infinite():
+    bn = layer(var=[1.0, 0.0, 2.0, 1.5], weight=[1.0, 1.0, 1.0, 1.0])
+    found = hits(bn, "BN015", Thresholds(eps=0.0))
+    assert [f.channels for f in found] == [(1,)]
+    assert found[0].message.startswith("the folded scale |weight|/sqrt(running_var + eps) is infinite in channel 1 "
+                                       "(running_var + eps is 0), against a median of ")
+    assert "above float16's largest value 65504 in channel(s) 1" in found[0].message
