@@ -1,13 +1,14 @@
 """bncli: audit and apply BatchNorm layers from PyTorch checkpoints, without the model's code.
 
-The Python API (see the README): `bncli.inspect(paths, **options)`, `bncli.diff(a, b, **options)` and
-`bncli.recalibrate(model, batches, forward=None, layers=None)`. Importing bncli imports none of torch, numpy or
+The Python API (see the README): `bncli.inspect(paths, **options)`, `bncli.diff(a, b, **options)`,
+`bncli.recalibrate(model, batches, forward=None, layers=None)` and `bncli.watch(model, optimizer=None, ...)`
+(with `bncli.BatchNormDefect` and `bncli.BatchNormWarning`). Importing bncli imports none of torch, numpy or
 Rich: each name is resolved on first use.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "diff", "inspect", "recalibrate"]
+__all__ = ["BatchNormDefect", "BatchNormWarning", "__version__", "diff", "inspect", "recalibrate", "watch"]
 
 
 def __getattr__(name: str):
@@ -15,7 +16,11 @@ def __getattr__(name: str):
         from bncli.api import inspect
 
         return inspect
-    if name in ("diff", "recalibrate"):
+    if name in ("BatchNormDefect", "BatchNormWarning"):
+        import importlib
+
+        return getattr(importlib.import_module("bncli.watch"), name)
+    if name in ("diff", "recalibrate", "watch"):
         import importlib
 
         return importlib.import_module(f"bncli.{name}")  # a callable module: bncli.api's function of that name

@@ -1,7 +1,8 @@
-"""The Python API: `bncli.inspect`, `bncli.diff` and `bncli.recalibrate`, the same cores the commands call.
+"""The Python API: `bncli.inspect`, `bncli.diff`, `bncli.recalibrate` (the same cores the commands call) and
+`bncli.watch` (a model while it trains).
 
 `import bncli` stays cheap (no torch, numpy or Rich): the package resolves these names on first use.
-`bncli.diff` and `bncli.recalibrate` are also the names of core modules; those modules are callable
+`bncli.diff`, `bncli.recalibrate` and `bncli.watch` are also the names of core modules; those modules are callable
 (callable_module below), so `bncli.diff(a, b)` works whichever of the two Python's import system put there.
 """
 
@@ -143,6 +144,21 @@ def recalibrate(
                 m.num_batches_tracked.add_(count)
     after = [_module_layer(name, m) for name, m in chosen]
     return diff_layers(before, after, path_a="before", path_b="after")
+
+
+def watch(model, optimizer=None, *, on_defect="raise", every: int = 1):
+    """Watch a live model's BatchNorm layers while it trains, and name the step and the layer where they go
+    wrong (docs/watch.md). Returns a handle that is also a context manager; `.close()` removes every hook.
+
+    Events (rules BN001/BN002 live, BN017, BN018, BN019): `on_defect="raise"` raises a `bncli.BatchNormDefect`
+    for BN001/BN002 and warns (`bncli.BatchNormWarning`) for the others; `"warn"` warns for all; a callable
+    receives every event. `optimizer`: its steps number the events and mark the steps for BN017 (without it,
+    the model's forwards do). `every`: with 1 each update is checked at once (the event names the input channel);
+    with N the check stays on the device and is read every N steps (no synchronization per step on CUDA).
+    """
+    from bncli.watch import Watch
+
+    return Watch(model, optimizer, on_defect=on_defect, every=every)
 
 
 def _module_layer(name: str, module):

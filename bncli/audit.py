@@ -16,6 +16,7 @@ from bncli.rules import ALL_IDS, Thresholds, run_file_rules, run_rules
 
 if TYPE_CHECKING:
     from bncli.layers import BNLayer
+    from bncli.loading import Checkpoint
 
 CHECKPOINT_SUFFIXES = (*TORCH_SUFFIXES, ".safetensors")
 
@@ -216,6 +217,18 @@ def inspect_file(
 ) -> FileReport:
     """Audit one checkpoint; with `layer`, report only that layer, channel by channel."""
     ckpt = load_checkpoint(Path(path), state=state, strip_prefix=strip_prefix)
+    return audit_checkpoint(ckpt, layer=layer, thresholds=thresholds, selected=selected, require_bn=require_bn)
+
+
+def audit_checkpoint(
+    ckpt: Checkpoint,
+    *,
+    layer: str | None = None,
+    thresholds: Thresholds = Thresholds(),
+    selected: frozenset[str] = ALL_IDS,
+    require_bn: bool = False,
+) -> FileReport:
+    """Audit a loaded (or in-memory, loading.Checkpoint.from_tensors) checkpoint: the core of inspect_file."""
     keys = find_layers(ckpt)
     if layer is not None:
         keys = [select_layer(keys, layer, ckpt.provenance.path, ckpt.provenance.prefix)]

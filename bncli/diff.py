@@ -104,6 +104,23 @@ class DiffReport:
         return tuple(x.name for x in self.layers if x.verdict != IDENTICAL) + self.only_a + self.only_b
 
     @property
+    def batches_common(self) -> int | None:
+        """The most common change of num_batches_tracked among the layers (a tie: the smaller change)."""
+        changes = [x.batches_change for x in self.layers if x.batches_change is not None]
+        if not changes:
+            return None
+        return max(dict.fromkeys(changes), key=lambda c: (changes.count(c), -abs(c)))
+
+    @property
+    def uneven_batches(self) -> tuple[tuple[str, int], ...]:
+        """(layer, change) for the layers whose num_batches_tracked changed by another amount than most layers':
+        a block updated twice per step (activation checkpointing), a frozen one, one loaded from elsewhere."""
+        common = self.batches_common
+        return tuple(
+            (x.name, x.batches_change) for x in self.layers if x.batches_change is not None and x.batches_change != common
+        )
+
+    @property
     def unchanged(self) -> tuple[str, ...]:
         return tuple(x.name for x in self.layers if x.verdict == IDENTICAL)
 

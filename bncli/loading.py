@@ -52,7 +52,7 @@ class Provenance:
     """Where a mapping came from: the file, how it was stored, and what wrapping was removed."""
 
     path: str  # printable: bytes that are not UTF-8 appear as \xNN
-    format: str  # torch-zip | torch-legacy | safetensors | npy | npz
+    format: str  # torch-zip | torch-legacy | safetensors | npy | npz | memory (Checkpoint.from_tensors)
     container: str | None = None  # key path of the nested state dict, e.g. "state_dict"
     prefix: str | None = None  # prefix stripped from every key, e.g. "module."
     alternatives: tuple[str, ...] = ()  # other state dicts in the file (e.g. "state_dict_ema"), for --state
@@ -61,6 +61,9 @@ class Provenance:
     # ones outside torch first), and the ones it would call (REDUCE, NEWOBJ...). Empty for plain state dicts.
     pickled_globals: tuple[str, ...] = ()
     pickled_calls: tuple[str, ...] = ()
+    # The optimizer steps the checkpoint records beside the state dict (Lightning's global_step, an optimizer
+    # state's step; bncli/steps.py), for rule BN016; None where it says nothing.
+    optimizer_steps: int | None = None
 
 
 # --------------------------------------------------------------------------- sniffing
@@ -242,6 +245,12 @@ class Checkpoint(Mapping[str, Any]):
         # layer name -> formats.modules.LayerMeta, for whole pickled models (class, eps, momentum...)
         self.layer_meta = layer_meta or {}
 
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Any], path: str = "<memory>", layer_meta: dict | None = None) -> Checkpoint:
+        """An in-memory checkpoint of torch tensors or numbers (a live model's `state_dict()`), format "memory":
+        nothing is written or copied until a value is read (then on the CPU)."""
+        return cls(Provenance(path, "memory"), dict(tensors), _TorchReader(), layer_meta)
+
     def __getitem__(self, name: str) -> Any:
         return self._entries[name]
 
@@ -285,6 +294,10 @@ def load_checkpoint(path: str | os.PathLike, state: str | None = None, strip_pre
     elif fmt in ("torch-zip", "torch-legacy"):
         obj, machine = read_torch(path, fmt)
         found, container, alternatives = find_state_dict(obj, path, state)
+        if found is not obj:
+            from bncli.steps import optimizer_steps
+
+            extra["optimizer_steps"] = optimizer_steps(obj)
         if is_module(found):
             from bncli.formats.modules import ModelTooLarge, flatten
 
@@ -601,7 +614,7 @@ class _TorchReader:
         if hasattr(value, "detach"):
             import torch
 
-            value = value.detach()
+            value = value.detach().cpu()
             if value.dtype == torch.bfloat16:
                 value = value.float()  # numpy has no bfloat16
             value = value.numpy()

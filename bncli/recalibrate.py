@@ -131,6 +131,10 @@ def default_forward(model, batch, device=None, dtype=None) -> None:
     run_model(model, x)
 
 
+# How many population_moments passes run now: bncli.watch takes their updates for a recalibration (no BN018).
+ACTIVE = [0]
+
+
 def population_moments(
     model,
     batches: Iterable[Any],
@@ -207,6 +211,7 @@ def population_moments(
     for _, m in layers:
         m.train()
     count = 0
+    ACTIVE[0] += 1
     try:
         with torch.no_grad():
             for batch in batches:
@@ -215,6 +220,7 @@ def population_moments(
                 if on_batch is not None:
                     on_batch()
     finally:
+        ACTIVE[0] -= 1
         for h in handles:
             h.remove()
         for m in synced:

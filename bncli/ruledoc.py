@@ -29,6 +29,11 @@ Severities: `error` means the layer is broken (eval outputs are wrong), `warning
 probably misbehaves in deployment, `info` that it is worth a look. `--fail-on` (default
 `error`) picks the lowest severity that makes the exit status 1.
 
+BN017-BN019 are *live* rules: `bncli.watch(model, optimizer)` and the Lightning callback
+`bncli.lightning.BatchNormWatch` raise them while a model trains, with the step and the layer
+(BN001 and BN002 too: at the forward that makes the statistics NaN, Inf or negative); `inspect`
+never runs them. See docs/watch.md.
+
 When a layer's tensors have different lengths (BN006) the per-channel rules cannot line the
 channels up, so they are skipped for that layer, even when BN006 itself is ignored.
 """

@@ -34,8 +34,9 @@ class Thresholds:
 
 
 Hits = list[tuple[tuple[int, ...], str]]
-# File rules may name the layer a finding is about: (layer name or None, channels, message).
-FileHits = list[tuple["str | None", tuple[int, ...], str]]
+# File rules may name the layer a finding is about: (layer name or None, channels, message), and may give a hit a
+# severity of its own as a fourth element (BN016: info for a ratio that every layer shares).
+FileHits = list[tuple]
 
 FLOAT16_MAX = 65504.0  # the largest finite float16: a folded weight beyond it overflows a half-precision export
 
@@ -56,7 +57,7 @@ class Rule:
     # (Provenance,) -> FileHits for source rules (what the file itself is, whatever its layers)
     check: Callable[..., Hits]
     thresholds: tuple[str, ...] = ()  # the Thresholds fields it uses, for the docs and --help
-    scope: str = "layer"  # "layer", "file" or "source"
+    scope: str = "layer"  # "layer", "file", "source", or "live" (bncli.watch raises it while training; never inspect)
     detects: str = ""  # what it detects, why it matters, how to fix it: markdown paragraphs (`code` allowed)
     why: str = ""
     fix: str = ""
@@ -614,7 +615,7 @@ def check_fold_risk(layer: BNLayer, t: Thresholds) -> Hits:
     ),
     severity_note='error with `--require-bn` or `require-bn = true`',
 )
-def check_no_batchnorm(layers: list[BNLayer], t: Thresholds) -> FileHits:
+def check_no_batchnorm(layers: list[BNLayer], t: Thresholds, prov=None) -> FileHits:
     if layers:
         return []
     return [(None, (), "no BatchNorm layer in the file (no key prefix has both running_mean and running_var)")]
@@ -649,7 +650,7 @@ def check_no_batchnorm(layers: list[BNLayer], t: Thresholds) -> FileHits:
         'copies differ layer by layer.'
     ),
 )
-def check_duplicate_statistics(layers: list[BNLayer], t: Thresholds) -> FileHits:
+def check_duplicate_statistics(layers: list[BNLayer], t: Thresholds, prov=None) -> FileHits:
     groups: dict[tuple, list[BNLayer]] = {}
     for bn in layers:
         if bn.running_mean.shape != bn.running_var.shape or _is_default_stats(bn):
@@ -673,6 +674,108 @@ def check_duplicate_statistics(layers: list[BNLayer], t: Thresholds) -> FileHits
                 "(a module shared and saved twice, or an EMA or copy whose buffers were never updated)",
             )
         )
+    return out
+
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _times(k: int) -> str:
+    return {2: "twice", 3: "three times"}.get(k, f"{k} times")
+
+
+def _layers(names: list[str]) -> str:
+    return "1 layer" if len(names) == 1 else f"{len(names)} layers"
+
+
+def _per_step(count: int, steps: int, who: str) -> tuple:
+    """An info hit: `who` counted `count` batches where the checkpoint records `steps` optimizer steps."""
+    ratio = count / steps
+    if count % steps == 0:
+        k = count // steps
+        why = f"{k}x: gradient accumulation over {k} batches, or {k} forwards in train mode per step"
+    elif count < steps:
+        why = (f"{ratio:.3g}x, fewer batches than steps: BatchNorm frozen or in eval() for part of training, or its "
+               "counts reset (statistics loaded from another run)")
+    else:
+        why = f"{ratio:.3g}x, not a whole multiple: a second forward in train mode in some steps only"
+    return (None, (), f"{who} counted {count} batches over the {steps} optimizer steps the checkpoint records: {why}",
+            Severity.INFO)
+
+
+@rule(
+    'BN016',
+    'uneven-batch-counts',
+    Severity.WARNING,
+    'layers of one state dict counted different numbers of batches (num_batches_tracked)',
+    scope='file',
+    detects=(
+        'Layers of one state dict whose `num_batches_tracked` differ. The layers are grouped by count; each group '
+        'that differs from the most common count is one finding, named after its first layer, that says what the '
+        'ratio means: a whole multiple k means the layer was updated k times per step (activation checkpointing '
+        'recomputes a block in train mode during backward; a second forward in train mode), 0 beside trained counts '
+        'means never updated (frozen, or loaded from weights without counts). Where the checkpoint records how many '
+        "optimizer steps it took (Lightning's `global_step`, an optimizer state's `step`) the counts are compared "
+        'with it too: equal is silent, the same whole ratio k > 1 in every layer is an info (gradient '
+        'accumulation over k batches, or k forwards per step). Layers without counts, and layers still at their '
+        'initial statistics with a count of 0 (BN003), are left out; no counts, or all equal (and equal to the steps '
+        'where known): no finding.'
+    ),
+    why=(
+        'Each update moves the running statistics by `momentum`: a layer updated twice per step follows a '
+        'different average than its neighbours (with activation checkpointing, of the same batch twice; with a '
+        'validation pass in train mode, of the validation data). The counts are the only trace a state dict keeps '
+        'of how often each layer was updated.'
+    ),
+    example=(
+        'warning BN016 uneven-batch-counts blocks.1.bn: 1 layer counted 20 batches, 1 layer 10: 2x, updated twice '
+        'per step: activation checkpointing or a second forward in train mode',
+    ),
+    fix=(
+        'With activation checkpointing, keep BatchNorm outside the checkpointed blocks, or save and restore its '
+        'buffers around the recomputation (or accept the double update: it is of the same batch); run validation '
+        'after `model.eval()`. `bncli.watch(model, optimizer)` names the step and the layer while it trains (BN017, '
+        'BN018); `bncli recalibrate` recomputes the statistics afterwards.'
+    ),
+    severity_note='info when every layer counted the same multiple k > 1 of the optimizer steps the checkpoint records',
+)
+def check_uneven_counts(layers: list[BNLayer], t: Thresholds, prov=None) -> FileHits:
+    # A layer still at its initial statistics is BN003's finding, whatever its count says.
+    counted = [(bn.name, bn.num_batches_tracked) for bn in layers
+               if bn.num_batches_tracked is not None and not (bn.num_batches_tracked == 0 and _is_default_stats(bn))]
+    steps = getattr(prov, "optimizer_steps", None) or None  # 0 steps says nothing to compare with
+    groups: dict[int, list[str]] = {}
+    for name, count in counted:
+        groups.setdefault(count, []).append(name)
+    if not groups or set(groups) == {0}:
+        return []  # no counts at all, or none trained: BN003 says so layer by layer
+    # The reference: the most common trained count; a tie goes to the optimizer steps, then to the smallest count.
+    base = min((c for c in groups if c), key=lambda c: (-len(groups[c]), c != steps, c))
+    out: FileHits = []
+    if steps is not None and base != steps:
+        every = len(groups) == 1
+        who = ("the only layer" if len(counted) == 1 else f"every layer ({len(counted)})") if every else \
+            f"{_layers(groups[base])} ({_names(groups[base])})"
+        out.append(_per_step(base, steps, who))
+    since = f" (the checkpoint records {steps} optimizer steps)" if steps is not None else ""
+    for count in sorted((c for c in groups if c != base), key=lambda c: (c == 0, -c)):
+        names = groups[count]
+        who = _layers(names) if len(names) == 1 else f"{len(names)} layers ({_names(names)})"
+        ratio = count / base
+        if count == 0:
+            meaning = "never updated: frozen, or loaded from weights without counts"
+        elif count % base == 0:
+            k = count // base
+            meaning = f"{k}x, updated {_times(k)} per step: activation checkpointing or a second forward in train mode"
+        elif count > base:
+            meaning = (f"{ratio:.3g}x, updated more often than the others: a second forward in train mode in some steps "
+                       "(a validation without model.eval())")
+        else:
+            meaning = (f"{ratio:.3g}x, updated in fewer steps than the others: left in eval() or frozen for part of "
+                       "training, or added or reloaded later")
+        out.append((names[0], (), f"{who} counted {count} batches, {_layers(groups[base])} {base}{since}: {meaning}"))
     return out
 
 
@@ -729,6 +832,117 @@ def check_pickled_code(prov) -> FileHits:
                        "and imported nothing")]
 
 
+# ---- live rules: raised by bncli.watch and bncli.lightning while a model trains, never by inspect ----------------
+# Their check builds the event's message from what the watch counted (bncli/watch.py calls it).
+
+
+@rule(
+    'BN017',
+    'repeated-update',
+    Severity.WARNING,
+    'a layer updated its statistics more often than the model ran between two optimizer steps',
+    scope='live',
+    detects=(
+        'While training (`bncli.watch(model, optimizer)`, the Lightning callback): a BatchNorm layer whose running '
+        'statistics were updated more times between two optimizer steps than the watched model was called in train '
+        'mode (when the model itself is not called, only its submodules: than the other layers were), once per '
+        'layer, at the forward that updates it once too often (or at the step). Needs the optimizer (its step '
+        'hook marks the steps); gradient accumulation (k forwards per step, each layer updated k times) is no '
+        'finding.'
+    ),
+    why=(
+        '`torch.utils.checkpoint` recomputes a block in train mode during backward, so its BatchNorm layers are '
+        'updated twice per step: a checkpointed BatchNorm2d counts 20 batches over 10 optimizer steps, its '
+        'neighbour 10, and its statistics follow another average than everybody thinks. A module called twice in '
+        'one forward does the same.'
+    ),
+    example=(
+        'warning BN017 repeated-update block1.1: updated 2 times in step 0, over 1 forward of the model in train '
+        'mode: activation checkpointing (torch.utils.checkpoint recomputes the block in train mode during '
+        'backward) or a module called twice in one forward',
+    ),
+    fix=(
+        'Keep BatchNorm outside checkpointed blocks (checkpoint the convolutions only), or restore its buffers '
+        'around the recomputation; call a shared module once per forward, or give each use its own BatchNorm. '
+        'In a saved checkpoint the same defect shows as BN016.'
+    ),
+)
+def repeated_update_message(updates: int, reference: int, step: int, by_model: bool = True) -> str:
+    times = f"{reference} time{'s' if reference != 1 else ''}"
+    basis = (f"over {reference} forward{'s' if reference != 1 else ''} of the model in train mode" if by_model
+             else f"while other layers updated {times}")
+    return (f"updated {updates} times in step {step}, {basis}: activation checkpointing (torch.utils.checkpoint "
+            "recomputes the block in train mode during backward) or a module called twice in one forward")
+
+
+@rule(
+    'BN018',
+    'update-without-grad',
+    Severity.WARNING,
+    'running statistics changed by a train-mode forward with gradients disabled (validation without model.eval()?)',
+    scope='live',
+    detects=(
+        'While training: a forward of the watched model under `torch.no_grad()` or `torch.inference_mode()` that '
+        'updated running statistics, because the layers were in train mode. One event per set of layers. A pass '
+        'with `momentum=None` (a cumulative average: what `torch.optim.swa_utils.update_bn` and `bncli '
+        'recalibrate` use) is a recalibration and no finding.'
+    ),
+    why=(
+        'A validation loop without `model.eval()` runs under `no_grad` in train mode: it normalizes each '
+        'validation batch with its own statistics (the metrics are not those of the deployed model) and pulls '
+        '`running_mean`, `running_var` and `num_batches_tracked` towards the validation data.'
+    ),
+    example=(
+        'warning BN018 update-without-grad block0.1: 2 layers (block0.1, block1.1) updated their running statistics '
+        'in a train-mode forward with gradients disabled (no_grad or inference_mode) at step 3: validation without '
+        'model.eval()?',
+    ),
+    fix=(
+        'Call `model.eval()` before validation and `model.train()` after (Lightning does both for you unless a '
+        'callback or hook switches modes); to re-estimate the statistics on purpose, use `bncli.recalibrate` or '
+        '`update_bn`.'
+    ),
+)
+def update_without_grad_message(layers: list[str], step: int) -> str:
+    who = f"1 layer ({layers[0]})" if len(layers) == 1 else f"{len(layers)} layers ({_names(layers)})"
+    return (f"{who} updated {'its' if len(layers) == 1 else 'their'} running statistics in a train-mode forward with "
+            "gradients disabled (no_grad or "
+            f"inference_mode) at step {step}: validation without model.eval()?")
+
+
+@rule(
+    'BN019',
+    'not-updating',
+    Severity.INFO,
+    'layers that never updated while the others did',
+    scope='live',
+    detects=(
+        'When a watch ends (`.close()`, the end of `with`, the end of `fit`): BatchNorm layers that never updated '
+        'their running statistics while other layers did, and in how many steps the others did. Layers that cannot '
+        'update (frozen classes without `num_batches_tracked`, `track_running_stats=False`) are left out.'
+    ),
+    why=(
+        'A sub-module left in `eval()` (a backbone frozen on purpose, or by a `.eval()` that was never undone) '
+        'keeps the statistics it was loaded with while the layers around it learn new ones; a layer no forward '
+        'reaches is dead weight. Either may be what you meant, so this is an info.'
+    ),
+    example=(
+        'info    BN019 not-updating block1.1: 1 layer (block1.1) never updated its running statistics in 10 steps '
+        'while 1 other did: a sub-module left in eval() (frozen?), or one no forward reaches',
+    ),
+    fix=(
+        'If the freeze is deliberate, nothing; otherwise find the `.eval()` (or `requires_grad_(False)` helper '
+        'that also calls eval) and call `model.train()` after it, at the start of each epoch.'
+    ),
+)
+def not_updating_message(layers: list[str], steps: int, others: int) -> str:
+    who = f"1 layer ({layers[0]})" if len(layers) == 1 else f"{len(layers)} layers ({_names(layers)})"
+    return (f"{who} never updated {'its' if len(layers) == 1 else 'their'} running statistics in {steps} "
+            f"step{'s' if steps != 1 else ''} while {others} other{'s' if others != 1 else ''} did: a sub-module left "
+            "in eval() (frozen?), or one no forward reaches")
+
+
+
 RULES: tuple[Rule, ...] = tuple(_CATALOGUE)  # in definition order: shape first, file rules last
 ALL_IDS = frozenset(r.id for r in RULES)
 
@@ -755,6 +969,9 @@ def select_rules(select: Iterable[str] | None = None, ignore: Iterable[str] | No
     left = frozenset(chosen - {rule_by_key(k).id for k in _split(ignore)})
     if not left:  # a gate that can never fail is a mistake, not a setting
         raise UsageError("--select and --ignore leave no rule to run")
+    if all(rule_by_key(i).scope == "live" for i in left):
+        raise UsageError(f"--select leaves only live rules ({', '.join(sorted(left))}), which bncli.watch raises while a "
+                         "model trains and inspect never runs")
     return left
 
 
@@ -783,12 +1000,13 @@ def run_file_rules(
     BN011 to an error. Source rules (BN012) run when the file's provenance is given."""
     findings = []
     for rule in RULES:
-        if rule.scope == "layer" or rule.id not in selected:
+        if rule.scope in ("layer", "live") or rule.id not in selected:
             continue
         if rule.scope == "source":
             hits = rule.check(provenance) if provenance is not None else []
         else:
-            hits = rule.check(layers, thresholds)
+            hits = rule.check(layers, thresholds, provenance)
         severity = Severity.ERROR if rule.id == "BN011" and require_bn else rule.severity
-        findings.extend(Finding(rule.id, rule.name, severity, name, ch, msg) for name, ch, msg in hits)
+        for name, ch, msg, *own in hits:
+            findings.append(Finding(rule.id, rule.name, own[0] if own else severity, name, ch, msg))
     return findings

@@ -127,7 +127,7 @@ def test_select_and_ignore_on_the_command_line(cli):
 def test_unknown_rule_is_a_usage_error(cli):
     result = cli("inspect", DEFECTS, "--ignore", "BN05")
     assert result.exit_code == 2
-    assert result.stderr == "error: unknown rule 'BN05'; did you mean BN015, BN005, BN014?\n"
+    assert result.stderr == "error: unknown rule 'BN05'; did you mean BN015, BN005, BN019?\n"
 
 
 def test_threshold_options(cli):

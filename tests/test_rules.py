@@ -56,6 +56,10 @@ def test_the_catalogue_is_stable():
         ("BN013", "default-channels", "warning"),
         ("BN014", "duplicate-statistics", "warning"),
         ("BN015", "fold-risk", "info"),
+        ("BN016", "uneven-batch-counts", "warning"),
+        ("BN017", "repeated-update", "warning"),
+        ("BN018", "update-without-grad", "warning"),
+        ("BN019", "not-updating", "info"),
     ]
 
 

@@ -235,6 +235,7 @@ features.5 │ 32 │ changed │        0 │       nan │       nan │    na
 features.9 │ 32 │ changed │        0 │       nan │       nan │    nan │      +0
 not shown at 80 columns: max |Δweight|, max |Δbias| (--wide or --format json
 shows them)
+num_batches_tracked changed unevenly: features.1 -256; the other 2 layers +0
 3 layers in both: 3 changed, 0 shape-changed, 0 identical; 0 only in A, 0 only
 in B
 mean shift = |mean_B - mean_A| / sqrt(var_A + eps); var ratio = var_B / var_A;

@@ -86,6 +86,19 @@ def _settings(report: DiffReport) -> str:
     return f"eps={report.eps:g}{tolerance}"
 
 
+def uneven_batches_line(report: DiffReport) -> str | None:
+    """Where layers counted different numbers of new batches: which, by how much, against the most common change."""
+    uneven = report.uneven_batches
+    if not uneven:
+        return None
+    shown = ", ".join(f"{name} {change:+d}" for name, change in uneven[:10])
+    if len(uneven) > 10:
+        shown += f", ... ({len(uneven)} in all)"
+    others = sum(1 for x in report.layers if x.batches_change == report.batches_common)
+    return (f"num_batches_tracked changed unevenly: {shown}; the other {others} layer{'s' if others != 1 else ''} "
+            f"{report.batches_common:+d}")
+
+
 def title_line(report: DiffReport) -> str:
     return f"A = {_side(report.path_a, report.state_a)}   B = {_side(report.path_b, report.state_b)}   ({_settings(report)})"
 
@@ -163,6 +176,9 @@ def diff_table(report: DiffReport) -> RenderableType:
     for label, names in (("only in A", report.only_a), ("only in B", report.only_b)):
         if names:
             parts.append(text(f"{label}: {', '.join(names)}", style="red"))
+    uneven = uneven_batches_line(report)
+    if uneven:
+        parts.append(text(uneven, style="yellow"))
     parts.append(Text(summary_line(report)))
     parts.append(Text(legend(report), style="dim"))
     return Group(*parts)
@@ -189,6 +205,7 @@ def diff_payload(report: DiffReport) -> dict[str, Any]:
         "layers": layers,
         "only_a": list(report.only_a),
         "only_b": list(report.only_b),
+        "uneven_batches": [{"layer": name, "batches_change": change} for name, change in report.uneven_batches],
         "summary": {
             "layers": len(report.layers),
             **{v: sum(1 for x in report.layers if x.verdict == v) for v in (IDENTICAL, CHANGED, SHAPE_CHANGED)},
@@ -227,6 +244,12 @@ def diff_markdown(report: DiffReport) -> str:
     for label, names in (("Only in A", report.only_a), ("Only in B", report.only_b)):
         if names:
             lines += [f"{label}: " + ", ".join(md_code(n, False) for n in names), ""]
+    if report.uneven_batches:
+        shown = ", ".join(f"{md_code(name, False)} {change:+d}" for name, change in report.uneven_batches[:10])
+        more = f", ... ({len(report.uneven_batches)} in all)" if len(report.uneven_batches) > 10 else ""
+        others = sum(1 for x in report.layers if x.batches_change == report.batches_common)
+        lines += [f"num_batches_tracked changed unevenly: {shown}{more}; the other {others} layer{'s' if others != 1 else ''} "
+                  f"{report.batches_common:+d}", ""]
     lines.append(summary_line(report))
     return "\n".join(lines)
 
