@@ -112,7 +112,9 @@ def _run_bounded(path: Path) -> tuple[int, str, int]:
         "sys.argv = ['bncli', 'inspect', sys.argv[1]]\n"
         "try:\n    main()\n"
         "except SystemExit as e:\n    code = e.code\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+        # VmHWM belongs to this process's own address space (ru_maxrss would carry the forking parent's peak)
+        "peak = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
+        "print(peak[0] if peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
         "sys.exit(code)\n"
     )
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
