@@ -687,8 +687,10 @@ def load_tensor(path: str | os.PathLike, key: str | None = None):
         if tensors:
             name = _choose_key(path, list(tensors), key)
             return _lazy_to_torch(path, tensors[name], name), name
+        _refuse_checkpoint_as_tensor(path, obj)
         raise InputError(f"{p}: holds no tensor at the top level (a dict with keys: {_keys(obj)}); is it a checkpoint? "
                          "`bncli inspect` reads checkpoints, `normalize` takes a tensor file")
+    _refuse_checkpoint_as_tensor(path, obj)
     raise InputError(f"{p}: holds no tensor (found {_what(obj)})")
 
 
@@ -776,6 +778,26 @@ def _check_npy_header(path: Path, member) -> None:
         raise InputError(
             f"{show(path)}: corrupt .npz file: member {member.name!r} declares an array of {human(declared)} "
             f"but holds {human(member.size)}"
+        )
+
+
+def _refuse_checkpoint_as_tensor(path: Path, obj: Any) -> None:
+    """A wrapped checkpoint ({'state_dict': ...}, a whole model) given where a tensor belongs: say it is one."""
+    from bncli.formats.modules import ModelTooLarge, flatten
+    from bncli.layers import find_layers
+
+    try:
+        found, container, _ = find_state_dict(obj, path)
+        keys = list(flatten(found)[0]) if is_module(found) else [k for k in found if isinstance(k, str)]
+    except (InputError, ModelTooLarge):
+        return
+    layers = [layer.name for layer in find_layers(keys)]
+    if layers:
+        shown = ", ".join(layers[:3]) + (", ..." if len(layers) > 3 else "")
+        raise InputError(
+            f"{show(path)}: a checkpoint with {len(layers)} BatchNorm layer{'s' if len(layers) != 1 else ''} ({shown})"
+            f"{f' under {container!r}' if container else ''}, not an input tensor; to apply one of its layers: bncli normalize INPUT --checkpoint "
+            f"{show(path)} --layer {layers[0]}"
         )
 
 

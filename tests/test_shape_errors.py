@@ -144,7 +144,7 @@ def test_checkpoint_layer_warns_when_input_looks_nhwc(cli):
 
 
 def test_checkpoint_given_as_tensor_says_what_it_is(cli):
-    _one_line_error(cli("normalize", SAMPLES / "model.pt"), "holds no tensor at the top level", "state_dict, epoch, arch", "bncli inspect")
+    _one_line_error(cli("normalize", SAMPLES / "model.pt"), "a checkpoint with 3 BatchNorm layers", "under 'state_dict'", "--checkpoint")
 
 
 def test_float8_input_is_refused_in_one_line(cli, tensor_file):

@@ -273,3 +273,11 @@ def test_table_shows_eps_and_class_for_whole_models_only(saved, tmp_path):
     assert "columns: class, " in narrow  # and the dim line says so
     plain = _run_cli(["inspect", str(out / "state_dict.pt")], {**env, "COLUMNS": "200"}, tmp_path).stdout
     assert " eps " not in plain and "class" not in plain
+
+
+def test_normalize_given_a_whole_model_as_input_says_it_is_a_checkpoint(saved, cli):
+    out, _ = saved
+    result = cli("normalize", out / "yolov5.pt")
+    assert result.exit_code == 3
+    assert "a checkpoint with 9 BatchNorm layers" in result.stderr and "under 'model'" in result.stderr
+    assert f"--checkpoint {out / 'yolov5.pt'} --layer model.0.bn" in result.stderr
