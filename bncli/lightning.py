@@ -62,17 +62,10 @@ class BatchNormWatch(*(package.Callback for package in _PACKAGES)):
         self.watch.step = int(trainer.global_step)  # a resumed fit numbers its events as the trainer does
 
     def _on_event(self, event) -> None:
-        from bncli.watch import DEFECTS, BatchNormDefect, BatchNormWarning
+        from bncli.watch import deliver
 
         self.events.append(event)
-        if callable(self.on_defect):
-            self.on_defect(event)
-        elif event.rule in DEFECTS and self.on_defect == "raise":
-            raise BatchNormDefect(event)
-        else:
-            import warnings
-
-            warnings.warn(BatchNormWarning(event), stacklevel=3)
+        deliver(event, self.on_defect)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not (self.log and self.watch is not None and trainer.logger is not None and trainer.is_global_zero):

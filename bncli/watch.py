@@ -377,12 +377,17 @@ class Watch:
 
     def _emit(self, event: BatchNormEvent) -> None:
         self.events.append(event)
-        if callable(self.on_defect):
-            self.on_defect(event)
-        elif event.rule in DEFECTS and self.on_defect == "raise":
-            raise BatchNormDefect(event)
-        else:
-            warnings.warn(BatchNormWarning(event), stacklevel=3)
+        deliver(event, self.on_defect)
+
+
+def deliver(event: BatchNormEvent, on_defect: Any, stacklevel: int = 4) -> None:
+    """What on_defect says to do with one event: call it, raise BatchNormDefect (BN001/BN002 with "raise"), or warn."""
+    if callable(on_defect):
+        on_defect(event)
+    elif event.rule in DEFECTS and on_defect == "raise":
+        raise BatchNormDefect(event)
+    else:
+        warnings.warn(BatchNormWarning(event), stacklevel=stacklevel)
 
 
 def _recalibrating() -> bool:
